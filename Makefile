@@ -1,0 +1,56 @@
+# Set-up is two commands: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+# torch/torchvision releases that pip finds on this project's machines (CPU here, CUDA build on GPU hosts).
+TORCH := torch==2.14.1 torchvision==0.29.1
+export PYTHONHASHSEED := 0
+
+.PHONY: install demo test test-all bench tables audit clean
+
+install: $(STAMP) $(FMNIST)
+
+# Debian's Fashion-MNIST: the offline default dataset.
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	 else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Fast suite (slow-marked CPU-scale tests excluded); ≤ ~8 min on 2 cores.
+test: install
+	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+
+test-all: install
+	$(PY) -m pytest -q
+
+# The main job on the offline default: train classifiers A and B briefly on Fashion-MNIST, attack A
+# white-box and by transfer from B (FGSM / PGD / DeepFool), print the table, save image grids.
+DEMO_DIR := multirun/demo
+demo: install
+	@start=$$(date +%s); \
+	$(PY) train.py experiment=demo victim=classifier_a && \
+	$(PY) train.py experiment=demo victim=classifier_b && \
+	rm -rf $(DEMO_DIR) && \
+	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR) && \
+	$(PY) -m evaluation.tables $(DEMO_DIR) && \
+	echo "image grids: $(DEMO_DIR)/*/grid.png" && \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s"
+
+# Aggregate a multirun folder into Markdown (default: the newest under multirun/): make tables RUN=multirun/…
+tables: install
+	$(PY) -m evaluation.tables $(RUN)
+
+# Speed figures (images/s of the evaluation loop, attacks per second); prints, never asserts.
+bench: install
+	$(PY) -m evaluation.bench
+
+clean:
+	rm -rf outputs multirun .cache lightning_logs wandb

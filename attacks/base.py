@@ -1,0 +1,113 @@
+"""One uniform attack callable: ``attack(model, x, y) -> x_adv``.
+
+torchattacks builds an attack around a model (``torchattacks.PGD(model, eps=…)``); our threat
+models decide *which* model an attack sees (victim, surrogate, or the EOT/BPDA-wrapped
+``Defended``) only at run time. So each attack config stores a *partial* builder
+(``_partial_: true``) and ``Attack`` binds it to the model on every call.
+
+``Attack`` also fixes three traps once for every attack:
+- Lightning's ``trainer.test``/``validate`` and ``torch.inference_mode`` disable autograd; attacks
+  need input gradients, so the call runs under ``inference_mode(False)`` + ``enable_grad``.
+- the model is attacked in eval mode and *each submodule's own* train/eval mode is restored in
+  ``finally`` (restoring only the top-level flag would flip a freshly built EOT/BPDA wrapper's
+  ``training=True`` onto the wrapped victim and switch its dropout on).
+- inputs must be images in [0, 1] (ε is in pixel units); outputs are checked to be finite.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+AttackBuilder = Callable[[nn.Module], Callable[..., Any]]
+
+NORMS = ("Linf", "L2", "L1", "none")
+KINDS = ("gradient", "query", "minimal", "noise")
+
+
+class Attack:
+    """A configured attack, independent of the model it will be run against.
+
+    Args:
+        name: config name (``pgd``, ``fgsm`` …), used in results files.
+        builder: ``model -> callable(x, y)``; usually ``functools.partial(torchattacks.X, **kwargs)``.
+        norm: threat-model norm of the ε-ball (``none`` for unbounded/minimal-norm attacks).
+        eps: radius of the ε-ball in pixel units, or ``None`` for unbounded attacks (DeepFool, CW…).
+        kind: ``gradient`` (white-box), ``query`` (score-based, no gradients), ``minimal``
+            (minimal-norm, unbounded), ``noise`` (random, no model access).
+        handles_eot: the attack averages gradients over randomness itself (EOT-PGD), so the threat
+            model must not wrap a stochastic defense in ``attacks.wrappers.EOT`` again.
+
+    Example:
+        >>> atk = Attack("pgd", functools.partial(torchattacks.PGD, eps=0.3, alpha=0.01, steps=20), "Linf", 0.3)
+        >>> x_adv = atk(model, x, y)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        builder: AttackBuilder,
+        norm: str = "Linf",
+        eps: float | None = None,
+        kind: str = "gradient",
+        handles_eot: bool = False,
+    ) -> None:
+        if norm not in NORMS:
+            raise ValueError(f"attack {name!r}: unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+        if kind not in KINDS:
+            raise ValueError(f"attack {name!r}: unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+        self.name = name
+        self.builder = builder
+        self.norm = norm
+        self.eps = None if eps is None else float(eps)
+        self.kind = kind
+        self.handles_eot = handles_eot
+
+    @property
+    def bounded(self) -> bool:
+        """True when adversarial examples must lie in the ε-ball of ``norm``."""
+        return self.eps is not None and self.norm != "none"
+
+    def __repr__(self) -> str:
+        return f"Attack(name={self.name!r}, norm={self.norm}, eps={self.eps}, kind={self.kind})"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_images(x)
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+            # clone() outside inference mode turns inference tensors into ordinary ones.
+            x_in, y_in = x.detach().clone(), y.detach().clone()
+            out = self.builder(model)(x_in, y_in)
+        x_adv = out[0] if isinstance(out, (tuple, list)) else out
+        x_adv = x_adv.detach()
+        if x_adv.shape != x.shape:
+            raise RuntimeError(f"attack {self.name!r} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
+        if not torch.isfinite(x_adv).all():
+            raise RuntimeError(f"attack {self.name!r} produced non-finite adversarial examples")
+        return x_adv
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own mode on exit (even on error)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def check_images(x: torch.Tensor) -> None:
+    """Raise one clear error unless ``x`` is a finite (N, C, H, W) batch in [0, 1]."""
+    if x.dim() != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("input images contain NaN or Inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"input images must lie in [0, 1] (normalisation belongs inside the victim); got range [{lo:.3f}, {hi:.3f}]"
+        )

@@ -1,0 +1,222 @@
+"""The metric loop: attack each batch under a threat model, score the defended model, resume on rerun.
+
+Soundness rules built in here (so no experiment can forget them):
+- stochastic defenses are scored over ``n_draws`` purifications of every final example, reporting
+  the mean accuracy and the worst case (correct on *all* draws); one forward pass overstates them;
+- every adversarial example is checked to be finite, in [0, 1] and inside the ε-ball;
+- each batch runs under its own seed derived from (seed, batch index), and its record is appended
+  to a JSON-lines cache, so an interrupted evaluation resumed later gives the same numbers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from lightning import LightningDataModule
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from attacks.base import Attack
+from defenses.base import Defended, Identity
+from evaluation.results import append_jsonl, read_jsonl
+from evaluation.threats import ThreatModel, WhiteBoxAdaptive
+
+BatchSource = LightningDataModule | DataLoader | Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class BatchRecord:
+    """Counts for one batch; sums of these give every reported metric."""
+
+    index: int
+    n: int
+    clean_correct: float  # sum over images of the fraction of draws classified correctly
+    clean_correct_worst: int  # images correct on every draw
+    robust_correct: float
+    robust_correct_worst: int
+    clean_correct_majority: int  # images whose majority vote is right (denominator of the success rate)
+    attack_success: int  # of those, images whose adversarial majority vote is wrong
+    violations: int  # adversarial examples outside [0,1], non-finite or outside the ε-ball
+    max_perturbation: float
+    seconds: float
+
+
+def as_batches(data: BatchSource) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(data, LightningDataModule):
+        data.setup("test")
+        return data.test_dataloader()
+    return data
+
+
+def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-image norm of a perturbation (N, …) → (N,)."""
+    flat = delta.flatten(1)
+    if norm == "Linf":
+        return flat.abs().amax(1)
+    if norm == "L2":
+        return flat.norm(p=2, dim=1)
+    if norm == "L1":
+        return flat.norm(p=1, dim=1)
+    return flat.norm(p=2, dim=1)
+
+
+def constraint_violations(x: torch.Tensor, x_adv: torch.Tensor, attack: Attack | None, tol: float = 1e-5) -> torch.Tensor:
+    """Boolean mask of adversarial examples that break the threat model."""
+    bad = ~torch.isfinite(x_adv).flatten(1).all(1)
+    bad |= (x_adv.flatten(1).amin(1) < -tol) | (x_adv.flatten(1).amax(1) > 1 + tol)
+    if attack is not None and attack.bounded:
+        bad |= perturbation_norm(x_adv - x, attack.norm) > attack.eps * (1 + 1e-4) + tol
+    return bad
+
+
+@torch.no_grad()
+def predict_draws(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    """Predicted labels of ``draws`` independent forward passes, shape (draws, N), one batched call."""
+    logits = model(x.repeat(draws, *([1] * (x.dim() - 1))))
+    return logits.argmax(-1).view(draws, x.shape[0])
+
+
+def batch_seed(seed: int, index: int) -> int:
+    return (int(seed) * 1_000_003 + int(index) * 7919) % (2**63 - 1)
+
+
+def evaluate_batch(
+    defended: Defended,
+    attacked: nn.Module | None,
+    attack: Attack | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: int,
+    n_draws: int,
+    seed: int = 0,
+) -> tuple[BatchRecord, torch.Tensor]:
+    start = time.perf_counter()
+    draws = n_draws if defended.stochastic else 1
+    torch.manual_seed(batch_seed(seed, index))
+    clean = predict_draws(defended, x, draws) == y
+    x_adv = x if attack is None else attack(attacked, x, y)
+    bad = constraint_violations(x, x_adv, attack)
+    # Reseed: APGD/FAB/Square reset the global generator to a fixed seed on every call, which would
+    # otherwise give every batch the same purification draws when scoring.
+    torch.manual_seed(batch_seed(seed, index) + 1)
+    robust = predict_draws(defended, x_adv, draws) == y
+    clean_majority = clean.float().mean(0) > 0.5
+    robust_majority = robust.float().mean(0) > 0.5
+    record = BatchRecord(
+        index=index,
+        n=int(x.shape[0]),
+        clean_correct=clean.float().mean(0).sum().item(),
+        clean_correct_worst=int(clean.all(0).sum()),
+        robust_correct=robust.float().mean(0).sum().item(),
+        robust_correct_worst=int(robust.all(0).sum()),
+        clean_correct_majority=int(clean_majority.sum()),
+        attack_success=int((clean_majority & ~robust_majority).sum()),
+        violations=int(bad.sum()),
+        max_perturbation=float(perturbation_norm(x_adv - x, attack.norm if attack else "Linf").max()),
+        seconds=time.perf_counter() - start,
+    )
+    return record, x_adv
+
+
+def summarise(records: list[BatchRecord]) -> dict[str, Any]:
+    n = sum(r.n for r in records)
+    seconds = sum(r.seconds for r in records)
+    majority = sum(r.clean_correct_majority for r in records)
+    pct = lambda v: 100.0 * v / n if n else float("nan")  # noqa: E731
+    return {
+        "n_images": n,
+        "clean_acc": pct(sum(r.clean_correct for r in records)),
+        "clean_acc_worst": pct(sum(r.clean_correct_worst for r in records)),
+        "robust_acc": pct(sum(r.robust_correct for r in records)),
+        "robust_acc_worst": pct(sum(r.robust_correct_worst for r in records)),
+        "attack_success_rate": 100.0 * sum(r.attack_success for r in records) / majority if majority else float("nan"),
+        "violations": sum(r.violations for r in records),
+        "max_perturbation": max((r.max_perturbation for r in records), default=0.0),
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else float("nan"),
+        "n_batches": len(records),
+    }
+
+
+def evaluate(
+    defended: nn.Module,
+    data: BatchSource,
+    attack: Attack | None = None,
+    threat: ThreatModel | None = None,
+    n_draws: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    cache_file: str | Path | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    grid_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Clean and robust accuracy of ``defended`` under ``attack`` — callable from a notebook.
+
+    Args:
+        defended: a ``Defended`` model, or any classifier (wrapped as ``Defended(Identity(), model)``).
+        data: a LightningDataModule (its test split), a DataLoader, or an iterable of (x, y).
+        attack: ``attacks.base.Attack``; ``None`` measures clean accuracy only.
+        threat: which model the attack sees (default ``WhiteBoxAdaptive()``).
+        n_draws: purifications per final example for stochastic defenses.
+        cache_file: JSON-lines file of finished batches; batches found there are skipped, so a
+            rerun after an interruption resumes (and gives identical numbers).
+        max_batches: stop after this many batches (quick looks; the cache keeps them).
+        grid_path: save a PNG of clean / adversarial / purified images of the first batch.
+
+    Returns:
+        A dict of metrics (percentages) — see ``summarise``.
+    """
+    if not isinstance(defended, Defended):
+        defended = Defended(Identity(), defended)
+    device = torch.device(device)
+    defended = defended.to(device).eval()
+    threat = threat or WhiteBoxAdaptive()
+    attacked = threat.attacked_model(defended, attack) if attack is not None else None
+    if isinstance(attacked, nn.Module):
+        attacked = attacked.to(device)
+    done = {r["index"]: BatchRecord(**{f.name: r[f.name] for f in fields(BatchRecord)}) for r in read_jsonl(cache_file)} if cache_file else {}
+
+    batches = as_batches(data)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    records: list[BatchRecord] = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    label = attack.name if attack is not None else "clean"
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(label, total=total)
+        for index, (x, y) in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            if index in done:
+                records.append(done[index])
+            else:
+                x, y = x.to(device), y.to(device)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    record, x_adv = evaluate_batch(defended, attacked, attack, x, y, index, n_draws, seed)
+                    if grid_path is not None and index == 0:
+                        save_grid(defended, x, x_adv, grid_path)
+                records.append(record)
+                if cache_file:
+                    append_jsonl(cache_file, asdict(record))
+            running = summarise(records)
+            bar.update(task, advance=1, description=f"{label}: clean {running['clean_acc']:.1f}% robust {running['robust_acc']:.1f}%")
+    return summarise(records)
+
+
+@torch.no_grad()
+def save_grid(defended: Defended, x: torch.Tensor, x_adv: torch.Tensor, path: str | Path, n: int = 8) -> Path:
+    """Rows: clean, adversarial, purified adversarial (one draw)."""
+    from torchvision.utils import save_image
+
+    n = min(n, x.shape[0])
+    purified = defended.purifier(x_adv[:n]).clamp(0, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat([x[:n], x_adv[:n], purified]).float().cpu(), path, nrow=n, padding=2)
+    return path

@@ -1,0 +1,151 @@
+"""From a resolved Hydra config to result files: build the pieces, run the loop or the audit, write."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from defenses.base import Defended
+from evaluation.audit import format_report, run_audit
+from evaluation.loop import evaluate
+from evaluation.results import device_name, git_commit, write_csv_atomic, write_json_atomic
+
+#: Config keys that do not change the numbers, left out of the resume-cache key.
+_NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "table", "device")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_defended(cfg: DictConfig) -> Defended:
+    victim = instantiate(cfg.victim)
+    purifier = instantiate(cfg.defense.purifier)
+    return Defended(purifier, victim, input_shape=tuple(cfg.dataset.image_shape))
+
+
+def cache_key(cfg: DictConfig) -> str:
+    """Hash of everything that determines the numbers, including the victim's weights file."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY}
+    plain["eval"] = {k: v for k, v in plain["eval"].items() if k in ("n_draws",)}
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
+    weights = cfg.victim.get("weights")
+    if weights and Path(weights).is_file():
+        digest.update(hashlib.sha256(Path(weights).read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def run_label(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "dataset": cfg.dataset.name,
+        "victim": cfg.victim.name,
+        "victim_training": cfg.victim_training,
+        "defense": cfg.defense.name,
+        "attack": cfg.attack.name,
+        "threat": cfg.threat.name,
+        "norm": cfg.attack.norm,
+        "eps": cfg.attack.eps,
+    }
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate one table cell and write results.json / results.csv / grid.png into the run folder."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.dataset.datamodule)
+    defended = build_defended(cfg).to(device)
+    attack = instantiate(cfg.attack)
+    threat = instantiate(cfg.threat.model)
+    if cfg.audit:
+        return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
+
+    cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg)}.jsonl" if cfg.eval.resume else None
+    metrics = evaluate(
+        defended,
+        datamodule,
+        attack,
+        threat,
+        n_draws=cfg.eval.n_draws,
+        seed=cfg.seed,
+        device=device,
+        cache_file=cache_file,
+        max_batches=cfg.eval.max_batches,
+        progress=cfg.eval.progress,
+        grid_path=out_dir / "grid.png" if cfg.eval.grid else None,
+    )
+    result = {
+        **run_label(cfg),
+        **metrics,
+        "table": OmegaConf.to_container(cfg.table, resolve=True),
+        "paper": _paper_number(cfg),
+        "device": device_name(device),
+        "git_commit": git_commit(Path(__file__).parent),
+        "seed": cfg.seed,
+        "cache_file": str(cache_file) if cache_file else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json_atomic(out_dir / "results.json", result)
+    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper")}])
+    log_summary(cfg, result)
+    return result
+
+
+def _paper_number(cfg: DictConfig) -> float | None:
+    paper = cfg.get("paper")
+    if not paper:
+        return None
+    row = paper.get(str(cfg.table.row))
+    return None if row is None else row.get(str(cfg.table.column))
+
+
+def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir: Path) -> dict[str, Any]:
+    from evaluation.threats import WhiteBoxAdaptive
+
+    datamodule.setup("test")
+    s = cfg.audit_settings
+    xs, ys = [], []
+    for x, y in datamodule.test_dataloader():
+        xs.append(x), ys.append(y)
+        if sum(len(b) for b in xs) >= s.n_images:
+            break
+    x, y = torch.cat(xs)[: s.n_images].to(device), torch.cat(ys)[: s.n_images].to(device)
+    norm = attack.norm if attack.norm in ("Linf", "L2") else "Linf"
+    eps = attack.eps if attack.bounded else float(cfg.dataset.eps.linf)
+    surrogate = getattr(threat, "surrogate", None)
+    report = run_audit(
+        defended, x, y, eps=eps, norm=norm, steps=s.steps, eot_samples=s.eot_samples, n_draws=cfg.eval.n_draws,
+        surrogate=surrogate, threat=WhiteBoxAdaptive(s.eot_samples, bpda=s.bpda),
+        attack=attack if attack.bounded else None, square_queries=s.square_queries, tol=s.tol, seed=cfg.seed,
+    )
+    report.update(run_label(cfg))
+    write_json_atomic(out_dir / "audit.json", report)
+    print(format_report(report))
+    return report
+
+
+def log_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
+    """Write the run's metrics as a W&B summary when the wandb logger is configured (offline by default)."""
+    wandb_cfg = cfg.logger.get("wandb") if cfg.get("logger") else None
+    if not wandb_cfg:
+        return
+    import wandb
+
+    run = wandb.init(
+        project=wandb_cfg.project,
+        name=f"{result['defense']}-{result['attack']}-{result['threat']}",
+        dir=str(wandb_cfg.save_dir),
+        mode=wandb_cfg.get("mode", "offline"),
+        config=result["config"],
+        reinit="finish_previous",
+    )
+    run.summary.update({k: v for k, v in result.items() if isinstance(v, (int, float, str)) or v is None})
+    run.finish()

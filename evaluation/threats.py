@@ -1,0 +1,87 @@
+"""Threat models: which model the attack sees; the defended model is always the one scored.
+
+- ``WhiteBoxAdaptive`` (default): attack the whole ``Defended`` model, with BPDA for
+  non-differentiable purifiers and EOT for stochastic ones — the only protocol that bounds
+  robustness from above honestly.
+- ``Oblivious``: attack the bare victim, then purify (what several papers report; weaker).
+- ``Transfer``: attack a surrogate classifier (DiffDefense's "black box").
+- ``Query``: a score-based attack (Square) queries the defended model; gradients are never used.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from attacks.base import Attack
+from attacks.wrappers import BPDA, EOT
+from defenses.base import Defended
+
+
+class ThreatModel:
+    name: str = "threat"
+
+    def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class WhiteBoxAdaptive(ThreatModel):
+    """Attack ``Defended`` end to end.
+
+    Args:
+        eot_samples: draws averaged per gradient for stochastic purifiers (skipped when the attack
+            averages over randomness itself, e.g. EOT-PGD).
+        bpda: route gradients of non-differentiable purifiers through BPDA. Turning it off is only
+            useful to *demonstrate* gradient masking (the audit's planted-defense test).
+    """
+
+    name = "white_box_adaptive"
+
+    def __init__(self, eot_samples: int = 10, bpda: bool = True) -> None:
+        self.eot_samples = int(eot_samples)
+        self.bpda = bpda
+
+    def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
+        model: nn.Module = defended
+        if self.bpda and not defended.differentiable:
+            approx = getattr(defended.purifier, "bpda_approximation", None)
+            model = Defended(BPDA(defended.purifier, approx), defended.victim, defended.input_shape)
+        if defended.stochastic and self.eot_samples > 1 and not attack.handles_eot and attack.kind in ("gradient", "minimal"):
+            model = EOT(model, self.eot_samples)
+        return model.eval()  # fresh wrappers start in train mode; the attack must see eval mode
+
+
+class Oblivious(ThreatModel):
+    """Craft on the undefended victim; the purifier is applied only when scoring."""
+
+    name = "oblivious"
+
+    def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
+        return defended.victim
+
+
+class Transfer(ThreatModel):
+    """Craft on a surrogate (e.g. classifier B), score the defended victim."""
+
+    name = "transfer"
+
+    def __init__(self, surrogate: nn.Module) -> None:
+        self.surrogate = surrogate.eval()
+
+    def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
+        return self.surrogate
+
+
+class Query(ThreatModel):
+    """A score-based attack queries ``Defended``; rejects attacks that would use gradients."""
+
+    name = "query"
+
+    def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
+        if attack.kind not in ("query", "noise"):
+            raise ValueError(
+                f"threat=query needs a query (score-based) attack, but attack={attack.name} is of kind "
+                f"{attack.kind!r}; use attack=square"
+            )
+        return defended

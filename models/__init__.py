@@ -1,0 +1,1 @@
+"""Victims, denoisers and the LightningModules that train them."""

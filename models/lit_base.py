@@ -1,0 +1,45 @@
+"""One LightningModule base for every trainable thing (victims now; denoisers, RAP adapters, JATP
+pre-processors later): optimiser and scheduler from partial configs, logging, stage dispatch.
+
+Subclasses implement only ``step(batch, stage) -> (loss, logs)``; the training loop, checkpoints,
+resume and loggers are Lightning's, configured in ``train.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from lightning import LightningModule
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class LitBase(LightningModule):
+    def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def step(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+
+    def _shared(self, batch: Any, stage: str) -> torch.Tensor:
+        loss, logs = self.step(batch, stage)
+        batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else None
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key == "acc", on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

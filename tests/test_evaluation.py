@@ -1,0 +1,116 @@
+"""The metric loop and threat models: real accuracy drops, N-draw scoring, resume, determinism, shape errors."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchattacks
+
+from attacks.base import Attack
+from defenses.base import Defended, Identity
+from defenses.bit_depth import BitDepthReduction
+from defenses.gaussian_noise import GaussianNoise
+from evaluation.loop import constraint_violations, evaluate
+from evaluation.results import read_jsonl
+from evaluation.threats import Oblivious, Query, Transfer, WhiteBoxAdaptive
+
+
+def pgd(eps=0.2, steps=10):
+    return Attack("pgd", functools.partial(torchattacks.PGD, eps=eps, alpha=2.5 * eps / steps, steps=steps), "Linf", eps)
+
+
+@pytest.fixture(scope="module")
+def batches(fmnist_test_batch):
+    x, y = fmnist_test_batch
+    return [(x[i : i + 40], y[i : i + 40]) for i in range(0, 120, 40)]
+
+
+def test_pgd_lowers_undefended_accuracy(trained_victim, batches):
+    out = evaluate(trained_victim, batches, pgd(), progress=False)
+    assert out["n_images"] == 120 and out["clean_acc"] > 65
+    assert out["robust_acc"] < out["clean_acc"] - 40
+    assert out["violations"] == 0 and out["max_perturbation"] <= 0.2 + 1e-6
+    assert out["clean_acc"] == out["clean_acc_worst"]  # deterministic: one draw
+
+
+def test_noisy_purifier_is_scored_over_draws(trained_victim, batches):
+    defended = Defended(GaussianNoise(sigma=0.35), trained_victim)
+    out = evaluate(defended, batches, attack=None, n_draws=8, progress=False)
+    # Worst case over 8 draws is strictly harsher than the mean: a single pass would hide the spread.
+    assert out["clean_acc_worst"] < out["clean_acc"] - 2
+    one = evaluate(defended, batches, attack=None, n_draws=1, progress=False)
+    assert one["clean_acc_worst"] == one["clean_acc"]
+
+
+def test_white_box_wraps_eot_and_bpda(trained_victim):
+    noisy = Defended(GaussianNoise(0.1), trained_victim)
+    assert type(WhiteBoxAdaptive(eot_samples=5).attacked_model(noisy, pgd())).__name__ == "EOT"
+    quant = Defended(BitDepthReduction(1), trained_victim)
+    assert type(WhiteBoxAdaptive().attacked_model(quant, pgd()).purifier).__name__ == "BPDA"
+    assert WhiteBoxAdaptive(bpda=False).attacked_model(quant, pgd()) is quant
+    assert Oblivious().attacked_model(quant, pgd()) is trained_victim
+
+
+def test_bpda_makes_the_adaptive_attack_stronger_than_naive(trained_victim, batches):
+    quant = Defended(BitDepthReduction(1), trained_victim)
+    naive = evaluate(quant, batches, pgd(0.2), WhiteBoxAdaptive(bpda=False), progress=False)
+    adaptive = evaluate(quant, batches, pgd(0.2), WhiteBoxAdaptive(), progress=False)
+    assert adaptive["robust_acc"] < naive["robust_acc"] - 15
+
+
+def test_transfer_and_query_threats(trained_victim, trained_surrogate, batches):
+    transfer = evaluate(trained_victim, batches, pgd(0.2), Transfer(trained_surrogate), progress=False)
+    white = evaluate(trained_victim, batches, pgd(0.2), progress=False)
+    assert white["robust_acc"] < transfer["robust_acc"] < transfer["clean_acc"]
+    with pytest.raises(ValueError, match="attack=square"):
+        evaluate(trained_victim, batches, pgd(), Query(), progress=False)
+
+
+def test_interrupted_evaluation_resumes_to_identical_numbers(trained_victim, batches, tmp_path):
+    defended = Defended(GaussianNoise(0.2), trained_victim)  # stochastic: per-batch seeding must hold
+    small = [(x[:16], y[:16]) for x, y in batches]
+    run = functools.partial(evaluate, defended, small, pgd(steps=4), WhiteBoxAdaptive(eot_samples=2), n_draws=4, seed=3, progress=False)
+    full = run(cache_file=tmp_path / "a.jsonl")
+    run(cache_file=tmp_path / "b.jsonl", max_batches=2)
+    assert len(read_jsonl(tmp_path / "b.jsonl")) == 2
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"index": 2, "torn')  # a crash mid-write leaves a torn line: it is redone, not misread
+    resumed = run(cache_file=tmp_path / "b.jsonl")
+    for key in ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images"):
+        assert resumed[key] == full[key], key
+
+
+def test_same_seed_same_metrics(trained_victim, batches):
+    defended = Defended(GaussianNoise(0.2), trained_victim)
+    small = [(x[:16], y[:16]) for x, y in batches[:2]]
+    run = functools.partial(evaluate, defended, small, pgd(steps=4), WhiteBoxAdaptive(eot_samples=2), n_draws=3, seed=7, progress=False)
+    a, b = run(), run()
+    assert {k: v for k, v in a.items() if "second" not in k and k != "images_per_s"} == {
+        k: v for k, v in b.items() if "second" not in k and k != "images_per_s"
+    }
+
+
+def test_wrong_image_shape_fails_clearly(trained_victim):
+    defended = Defended(Identity(), trained_victim, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match=r"expected images of shape \(1, 28, 28\).*got \(3, 32, 32\)"):
+        defended(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        defended(torch.rand(28, 28))
+
+
+def test_constraint_violations_detected():
+    x = torch.full((3, 1, 4, 4), 0.5)
+    adv = x.clone()
+    adv[1, 0, 0, 0] = 0.9  # outside eps
+    adv[2, 0, 0, 0] = float("nan")
+    mask = constraint_violations(x, adv, pgd(eps=0.1))
+    assert mask.tolist() == [False, True, True]
+
+
+def test_attacking_a_fresh_wrapper_leaves_the_victim_in_eval_mode(trained_victim, batches):
+    """Regression: a new EOT wrapper is in train mode; restoring only its flag switched dropout on."""
+    defended = Defended(GaussianNoise(0.1), trained_victim).eval()
+    x, y = batches[0]
+    pgd()(WhiteBoxAdaptive(eot_samples=2).attacked_model(defended, pgd()), x[:4], y[:4])
+    assert not any(m.training for m in defended.modules())
