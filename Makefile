@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	# torchattacks pins requests~=2.25.1; its real dependencies come with the project (pyproject.toml).
+	$(PY) -m pip install -q --no-deps 'torchattacks==3.5.1'
 	touch $(STAMP)
 
 # Fast suite (slow-marked CPU-scale tests excluded); ≤ ~8 min on 2 cores.
@@ -34,10 +36,11 @@ test-all: install
 # The main job on the offline default: train classifiers A and B briefly on Fashion-MNIST, attack A
 # white-box and by transfer from B (FGSM / PGD / DeepFool), print the table, save image grids.
 DEMO_DIR := multirun/demo
+DEMO_TRAIN := trainer.max_epochs=1 dataset.datamodule.train_subset=20000 logger=csv trainer.enable_progress_bar=false
 demo: install
 	@start=$$(date +%s); \
-	$(PY) train.py experiment=demo victim=classifier_a && \
-	$(PY) train.py experiment=demo victim=classifier_b && \
+	$(PY) train.py victim=classifier_a $(DEMO_TRAIN) && \
+	$(PY) train.py victim=classifier_b $(DEMO_TRAIN) && \
 	rm -rf $(DEMO_DIR) && \
 	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR) && \
 	$(PY) -m evaluation.tables $(DEMO_DIR) && \

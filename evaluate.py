@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     print(
         f"{result['dataset']} | {result['victim']} | {result['defense']} | {result['attack']} ({result['threat']}): "
         f"clean {result['clean_acc']:.2f}%  robust {result['robust_acc']:.2f}% "
-        f"(worst-of-{cfg.eval.n_draws} {result['robust_acc_worst']:.2f}%)  n={result['n_images']}  "
+        f"(worst-of-{result['n_draws']} {result['robust_acc_worst']:.2f}%)  n={result['n_images']}  "
         f"{result['images_per_s']:.1f} img/s"
     )
     return result["robust_acc"]

@@ -67,6 +67,8 @@ class ImageDataModule(LightningDataModule):
             defense hyper-parameters — never tune on the test set.
         train_subset: keep only this many training images (seeded), for quick runs and tests.
         eval_subset: evaluate on this many test images chosen by ``eval_subset_indices``.
+        eval_split: ``test`` (default) or ``val``: what ``test_dataloader`` serves. Defense
+            hyper-parameters (DiffDefense's T*, L, R …) are tuned with ``val``, never on the test set.
         seed: seed of the train/val split and the train subset.
         download: let torchvision download the data (needs internet; off by default here).
     """
@@ -86,6 +88,7 @@ class ImageDataModule(LightningDataModule):
         eval_subset: int | None = None,
         seed: int = 0,
         download: bool = False,
+        eval_split: str = "test",
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
@@ -97,6 +100,9 @@ class ImageDataModule(LightningDataModule):
         self.eval_subset = eval_subset
         self.seed = seed
         self.download = download
+        if eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+        self.eval_split = eval_split
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -142,7 +148,7 @@ class ImageDataModule(LightningDataModule):
             train_view = TensorImageDataset(full_train.images, full_train.labels, transform)
         self.train_set = Subset(train_view, train_idx.tolist())
         self.val_set = Subset(full_train, val_idx.tolist())
-        test = self.load_split(train=False)
+        test = self.val_set if self.eval_split == "val" else self.load_split(train=False)
         if self.eval_subset is not None:
             test = Subset(test, eval_subset_indices(len(test), int(self.eval_subset)).tolist())
         self.test_set = test

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from hydra.errors import InstantiationException
 
-from models.victims.build import CheckpointError
+from models.weights import CheckpointError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -206,7 +206,7 @@ def evaluate(
                     append_jsonl(cache_file, asdict(record))
             running = summarise(records)
             bar.update(task, advance=1, description=f"{label}: clean {running['clean_acc']:.1f}% robust {running['robust_acc']:.1f}%")
-    return summarise(records)
+    return {**summarise(records), "n_draws": n_draws if defended.stochastic else 1}
 
 
 @torch.no_grad()

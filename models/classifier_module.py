@@ -21,11 +21,16 @@ class ClassifierModule(LitBase):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         num_classes: int = 10,
+        export_path: str | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler)
-        self.model = model
+        super().__init__(optimizer, scheduler, export_path)
+        self.model = model.train()  # build_victim returns eval mode; dropout must be on while training
         self.loss = loss
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def export(self) -> nn.Module:
+        return self.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -36,5 +41,6 @@ class ClassifierModule(LitBase):
             loss, logs = self.loss(self.model, x, y)
             return loss, dict(logs)
         logits = self.model(x)
-        self.val_acc(logits, y)
-        return nn.functional.cross_entropy(logits, y), {"acc": self.val_acc}
+        metric = self.val_acc if stage == "val" else self.test_acc
+        metric(logits, y)
+        return nn.functional.cross_entropy(logits, y), {"acc": metric}

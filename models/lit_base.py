@@ -1,8 +1,9 @@
 """One LightningModule base for every trainable thing (victims now; denoisers, RAP adapters, JATP
 pre-processors later): optimiser and scheduler from partial configs, logging, stage dispatch.
 
-Subclasses implement only ``step(batch, stage) -> (loss, logs)``; the training loop, checkpoints,
-resume and loggers are Lightning's, configured in ``train.py``.
+Subclasses implement only ``step(batch, stage) -> (loss, logs)`` and ``export()`` (the trained
+``nn.Module`` whose state dict ``train.py`` writes to ``export_path``); the training loop,
+checkpoints, resume and loggers are Lightning's, configured in ``train.py``.
 """
 from __future__ import annotations
 
@@ -10,16 +11,24 @@ from typing import Any, Callable, Iterable
 
 import torch
 from lightning import LightningModule
+from torch import nn
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class LitBase(LightningModule):
-    def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None) -> None:
+    def __init__(
+        self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None, export_path: str | None = None
+    ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.export_path = export_path
+
+    def export(self) -> nn.Module:
+        """The trained network, as evaluation will load it (e.g. the victim, or the EMA denoiser)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement export()")
 
     def step(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
@@ -37,6 +46,9 @@ class LitBase(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared(batch, "test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

@@ -23,8 +23,8 @@ def test_train_then_evaluate_then_tables(compose, tmp_path):
     cfg = compose("train", TINY_TRAIN)
     metrics, _ = train_script.train(cfg)
     weights = Path(cfg.victim.weights)
-    assert weights.is_file() and metrics["test/clean_acc"] > 50  # 4096 images, one epoch: well above chance
-    assert (Path(cfg.checkpoint_dir) / "last.ckpt").is_file()
+    assert weights.is_file() and metrics["test/acc"] > 0.5  # 4096 images, one epoch: well above chance
+    assert (train_script.lightning_dir(weights) / "last.ckpt").is_file()
     torch.load(weights, weights_only=True)  # plain state dict
 
     rows = []

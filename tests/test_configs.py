@@ -70,8 +70,15 @@ def test_transfer_surrogate_is_classifier_b_with_its_own_weights(compose):
 def test_training_configs_build_the_module(compose, name):
     cfg = compose("train", [f"training={name}", "logger=csv"])
     assert cfg.victim_training == name and cfg.victim.weights.endswith(f"classifier_a-{name}.pt")
-    module = instantiate(cfg.model, model=instantiate(cfg.victim, weights=None))
-    assert module.loss is not None
+    module = instantiate(cfg.model)
+    assert module.loss is not None and module.model.training and module.export_path == cfg.victim.weights
+
+
+def test_denoiser_model_config(compose):
+    cfg = compose("train", ["model=denoiser", "logger=csv"])
+    module = instantiate(cfg.model)
+    assert module.export_path.endswith("fashion_mnist/denoiser-diffdefense_unet.pt")
+    assert module.export().__class__.__name__ == "DiffDefenseUNet"
 
 
 @pytest.mark.parametrize("name", group_options("trainer"))

@@ -114,3 +114,15 @@ def test_image_folder(tmp_path):
     assert x.shape == (12, 3, 32, 32) and 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == {0, 1, 2}
     with pytest.raises(DatasetNotFoundError, match="class sub-folders"):
         ImageFolderDataModule(data_dir=str(tmp_path / "nowhere")).setup()
+
+
+def test_eval_split_val_serves_held_out_training_images(fmnist_dm, data_dir):
+    from datamodules.mnist_family import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(data_dir=str(data_dir), eval_split="val", eval_subset=32)
+    dm.setup()
+    x, _ = next(iter(dm.test_dataloader()))
+    val_images = torch.stack([dm.val_set[i][0] for i in range(len(dm.val_set))])
+    assert x.shape[0] == 32 and all((val_images == img).flatten(1).all(1).any() for img in x[:4])
+    with pytest.raises(ValueError, match="eval_split"):
+        FashionMNISTDataModule(data_dir=str(data_dir), eval_split="train")

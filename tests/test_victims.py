@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from models.robustbench_compat import import_robustbench
-from models.victims import Normalized, build_victim, save_victim
+from models.victims import Normalized, build_victim
+from models.weights import save_weights
 from models.victims import cifar, mnist, zoo
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "victim"
@@ -105,10 +106,10 @@ def test_build_victim_without_mean_is_the_bare_net_in_eval_mode() -> None:
     assert not build_victim(mnist.ClassifierA(), [0.5], [0.5]).training
 
 
-def test_weights_round_trip_through_save_victim(tmp_path: Path) -> None:
+def test_weights_round_trip_through_save_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     trained = build_victim(mnist.ClassifierA(), [0.2860], [0.3530])
-    path = save_victim(trained, tmp_path / "fashion_mnist" / "classifier_a.pt")
+    path = save_weights(trained, tmp_path / "fashion_mnist" / "classifier_a.pt")
     assert sorted(p.name for p in path.parent.iterdir()) == ["classifier_a.pt"]  # no temp file left
     torch.manual_seed(1)
     loaded = build_victim(mnist.ClassifierA(), [0.2860], [0.3530], weights=str(path), name="classifier_a")
@@ -116,13 +117,13 @@ def test_weights_round_trip_through_save_victim(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), trained(x))
 
 
-def test_save_victim_leaves_nothing_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_save_weights_leaves_nothing_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_save(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        save_victim(mnist.ClassifierA(), tmp_path / "a.pt")
+        save_weights(mnist.ClassifierA(), tmp_path / "a.pt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -161,7 +162,7 @@ def test_non_state_dict_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_mismatched_state_dict_names_the_keys(tmp_path: Path) -> None:
-    path = save_victim(build_victim(mnist.ClassifierA(), [0.5], [0.5]), tmp_path / "a.pt")
+    path = save_weights(build_victim(mnist.ClassifierA(), [0.5], [0.5]), tmp_path / "a.pt")
     with pytest.raises(RuntimeError) as err:
         build_victim(mnist.ClassifierB(), [0.5], [0.5], weights=path)
     message = str(err.value)
@@ -172,7 +173,7 @@ def test_mismatched_state_dict_names_the_keys(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_other_normalisation_is_refused(tmp_path: Path) -> None:
-    path = save_victim(build_victim(mnist.ClassifierA(), [0.5], [0.5]), tmp_path / "a.pt")
+    path = save_weights(build_victim(mnist.ClassifierA(), [0.5], [0.5]), tmp_path / "a.pt")
     with pytest.raises(RuntimeError, match="normalisation differs: mean"):
         build_victim(mnist.ClassifierA(), [0.2860], [0.5], weights=path)
 

@@ -47,8 +47,9 @@ class DenoiserModule(LitBase):
         sample_every_n_epochs: int | None = 1,
         n_samples: int = 16,
         image_shape: Sequence[int] | None = None,
+        export_path: str | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler)
+        super().__init__(optimizer, scheduler, export_path)
         self.denoiser = denoiser
         self.schedule = schedule
         self.ema: AveragedModel | None = None
@@ -73,6 +74,9 @@ class DenoiserModule(LitBase):
         """A copy of the (EMA) denoiser in eval mode, for ``torch.save(module.state_dict(), weights)``;
         its state dict loads into a freshly built denoiser of the same config."""
         return copy.deepcopy(self.eval_denoiser).eval()
+
+    def export(self) -> nn.Module:
+        return self.export_denoiser()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.eval_denoiser(x_t, t)

@@ -1,5 +1,5 @@
 """Victim classifiers: every victim maps images in [0, 1] to logits (normalisation is inside)."""
-from models.victims.build import build_victim, save_victim
+from models.victims.build import build_victim
 from models.victims.normalize import Normalized
 
-__all__ = ["Normalized", "build_victim", "save_victim"]
+__all__ = ["Normalized", "build_victim"]

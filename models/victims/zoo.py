@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from models.robustbench_compat import import_robustbench
-from models.victims.build import load_weights
+from models.weights import load_weights
 
 _NO_DOWNLOAD = "weights are never downloaded: save the state dict (or .safetensors file) locally and pass its path"
 

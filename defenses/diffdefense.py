@@ -1,0 +1,205 @@
+"""DiffDefense (Silva, Seidenari & Del Bimbo 2023): reconstruct the input with the reverse process of a DDPM.
+
+G(z_T) runs the reverse process from a latent z_T through the diffusion steps T*−1, …, 0; the defense
+searches ẑ = argmin_z MSE(G(z), x*) from R random N(0, I) latents for L iterations (Alg. 1) and returns,
+per image, the reconstruction of the restart with the lowest final MSE.
+
+Our readings (docs/decisions.md), with their sources:
+
+* **Reverse step**: Eq. 2 has typos (a stray "−", √(1−α_t) for √(1−ᾱ_t)); we use the standard DDPM step
+  ``DiffusionSchedule.p_sample`` (Ho et al. Eq. 11, σ_t = √β_t as the paper states), with fresh noise
+  n ~ N(0, I) at every step of every iteration (Alg. 1 line 5).
+* **T\***: a truncated start of the *trained* schedule: z_T is treated as x_{T*} and the reverse process
+  runs the trained steps T*−1, …, 0 (``sample_loop(…, t_start=T*)``), so the U-Net sees exactly the time
+  indices the authors' code feeds it (14 … 0 for T* = 15). The authors' code instead builds a fresh
+  linear schedule with T* steps (β 1e-4 → 0.02 over T* steps, ``DDPM(network, diffusion_step, …)``) and
+  uses it with a U-Net trained on T = 100 steps — a re-spacing whose coefficients do not match the
+  training; we keep the trained coefficients.
+* **Optimiser / learning rate**: the authors' code (Adam β = (0.5, 0.999), 0.02 for the first step then
+  25·0.1^((i−1)/⌈0.8L⌉)), selectable to Alg. 1's plain gradient descent with η_i = η_{i−1}·Δ^(1/⌈0.8L⌉);
+  see ``defenses.latent_search``.
+* **Gradient through the U-Net**: the authors evaluate ε_θ under ``no_grad``; then ∂z_{t−1}/∂z_t =
+  1/√α_t · I (only the linear terms of the step carry gradient) and ∇_{z_T} MSE = Π_t 1/√α_t · ∇_{z_0} MSE.
+  ``grad_through_denoiser=True`` backpropagates through ε_θ as well (the exact gradient of Eq. 1).
+* **Output space**: z lives in the denoiser's model space [−1, 1] (where our DDPM is trained and where the
+  reverse chain starts from N(0, I)). ``output="sigmoid"`` is the authors' x_r = sigmoid(z_0), applied to
+  the same z_0 (their DDPM was trained on [0, 1] images, so there too sigmoid is a bounded squashing, not
+  the inverse of the data map: with the authors' large learning rates the optimisation drives z_0 into
+  the saturated range). ``output="clamp"`` is the exact inverse of the training map,
+  ``to_image_space(z_0)`` clamped to [0, 1], with a straight-through gradient (the clamp's zero gradient
+  would freeze every pixel that starts outside the range). Either way the MSE is between x_r and x* in
+  image space [0, 1].
+* **Restarts**: per image, the restart with the lowest final MSE (the authors' ``findBestReconstruction``);
+  ``reconstruct(x).mse_mean`` (final MSE averaged over restarts) is the authors' detection score (§4.4).
+
+Flags for the evaluation:
+
+* ``stochastic = True``: random z_T and σ_t·n noise → adaptive attacks use EOT and scores are over draws.
+* ``differentiable = False``: the output is the result of an inner argmin over z (L optimiser steps with
+  restart selection by argmin), whose derivative w.r.t. x* is not what autograd through the unrolled
+  loop would give (that gradient only exists through the optimiser's update path and is masked by the
+  hard restart selection and the sigmoid saturation). Adaptive attacks therefore use BPDA with the
+  identity (the reconstruction is meant to be close to its input, Athalye et al. 2018 §4.1) combined
+  with EOT, as for Defense-GAN.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from defenses.base import Purifier
+from defenses.latent_search import LR_SCHEDULES, OPTIMIZERS, LatentSearchResult, latent_search
+from models.diffusion.schedule import DiffusionSchedule, to_image_space
+from models.weights import load_weights
+
+OUTPUTS = ("sigmoid", "clamp")
+DEFAULT_DENOISER = "diffdefense_unet"  # conf/train.yaml's default denoiser
+
+
+def _train_hint(path: Path) -> str:
+    """The command that writes ``<checkpoint_dir>/<dataset>/denoiser-<name>.pt``."""
+    command = f"python train.py model=denoiser dataset={path.parent.name}"
+    if path.stem.startswith("denoiser-") and path.stem[len("denoiser-"):] != DEFAULT_DENOISER:
+        command += f" denoiser={path.stem[len('denoiser-'):]}"
+    return f"train it with `{command}`"
+
+
+class DiffDefense(Purifier):
+    """DiffDefense reconstruction purifier (see the module docstring for every reading).
+
+    Args:
+        denoiser: the noise-prediction network ε_θ(x_t, t) (frozen here: eval mode, no gradients).
+        schedule: the DDPM schedule the denoiser was trained with.
+        weights: path of the denoiser's weights (``None``: use ``denoiser`` as given).
+        t_star: T*, the number of reverse steps; the chain runs the trained steps T*−1, …, 0.
+        iterations: L, generations of the latent search (authors' code default 4; the paper's Table 3: 5).
+        restarts: R, random initial latents per image (paper: 5).
+        optimizer / lr / lr_schedule / decay / lr_decay_start / betas: the latent optimiser
+            (``defenses.latent_search``); defaults = the authors' code.
+        grad_through_denoiser: ``False`` (authors) = ε_θ under ``no_grad``; ``True`` = full backprop.
+        output: ``"sigmoid"`` (authors: x_r = sigmoid(z_0)) or ``"clamp"`` (to_image_space(z_0) in [0, 1]).
+        clip_x0: use the clipped-x̂_0 posterior mean in the reverse step (default ``False``: Eq. 11 exactly).
+    """
+
+    stochastic = True
+    differentiable = False
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        schedule: DiffusionSchedule,
+        weights: str | None = None,
+        t_star: int = 15,
+        iterations: int = 5,
+        restarts: int = 5,
+        optimizer: str = "adam",
+        lr: float = 0.02,
+        lr_schedule: str = "authors",
+        decay: float = 0.1,
+        lr_decay_start: float = 25.0,
+        betas: tuple[float, float] = (0.5, 0.999),
+        grad_through_denoiser: bool = False,
+        output: str = "sigmoid",
+        clip_x0: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 1 <= int(t_star) <= schedule.num_steps:
+            raise ValueError(f"t_star must be in [1, {schedule.num_steps}] (the trained schedule's T), got {t_star}")
+        if iterations < 1 or restarts < 1:
+            raise ValueError(f"iterations and restarts must be >= 1, got {iterations} and {restarts}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}: use one of {OPTIMIZERS}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}: use one of {LR_SCHEDULES}")
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}: use one of {OUTPUTS}")
+        if weights is not None:
+            path = Path(weights)
+            load_weights(denoiser, path, missing_hint=_train_hint(path))
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.schedule = schedule
+        self.weights = None if weights is None else str(weights)
+        self.t_star = int(t_star)
+        self.iterations = int(iterations)
+        self.restarts = int(restarts)
+        self.optimizer = optimizer
+        self.lr = float(lr)
+        self.lr_schedule = lr_schedule
+        self.decay = float(decay)
+        self.lr_decay_start = float(lr_decay_start)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.grad_through_denoiser = bool(grad_through_denoiser)
+        self.output = output
+        self.clip_x0 = bool(clip_x0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"t_star={self.t_star}, iterations={self.iterations}, restarts={self.restarts}, optimizer={self.optimizer}, "
+            f"lr={self.lr:g}, lr_schedule={self.lr_schedule}, grad_through_denoiser={self.grad_through_denoiser}, "
+            f"output={self.output}"
+        )
+
+    def train(self, mode: bool = True) -> "DiffDefense":
+        """The denoiser stays in eval mode whatever the wrappers around the purifier do."""
+        super().train(mode)
+        self.denoiser.eval()
+        return self
+
+    # -- G(z) ----------------------------------------------------------------------------------
+    def _eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if self.grad_through_denoiser:
+            return self.denoiser(x_t, t)
+        with torch.no_grad():
+            return self.denoiser(x_t, t)
+
+    def generate(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """G(z): the reverse process from z = x_{T*} (model space) over steps T*−1 … 0, mapped to [0, 1].
+
+        Differentiable in ``z`` (through the linear terms of each step only, unless
+        ``grad_through_denoiser``); fresh step noise on every call, from ``generator`` if given.
+        """
+        noise_fn = None
+        if generator is not None:
+            noise_fn = lambda x, i: torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)  # noqa: E731
+        z0 = self.schedule.sample_loop(self._eps, z, t_start=self.t_star, noise_fn=noise_fn, clip_x0=self.clip_x0)
+        if self.output == "sigmoid":
+            return torch.sigmoid(z0)
+        # Straight-through clamp: the value is clamped, the gradient is that of the unclamped image, so
+        # pixels outside [0, 1] are pulled back instead of being frozen by a zero gradient.
+        u = to_image_space(z0)
+        return u + (u.clamp(0.0, 1.0) - u).detach()
+
+    # -- the defense ---------------------------------------------------------------------------
+    def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> LatentSearchResult:
+        """Alg. 1 on a batch ``x`` (N, C, H, W) in [0, 1]: every image × restart in one batch.
+
+        Returns the best reconstruction per image with its MSE and the mean MSE over restarts (the
+        detection score), all detached. ``generator`` seeds the initial latents and the step noise.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"expected a batch of images (N, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        param = next(self.denoiser.parameters(), None)
+        if param is not None and param.device != x.device:
+            with torch.inference_mode(False):  # moved weights must not become inference tensors
+                self.denoiser.to(x.device)
+        dtype = param.dtype if param is not None else x.dtype
+        target = x.detach().to(dtype)
+        return latent_search(
+            lambda z: self.generate(z, generator),
+            target,
+            latent_shape=tuple(x.shape[1:]),
+            iterations=self.iterations,
+            restarts=self.restarts,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            lr_schedule=self.lr_schedule,
+            decay=self.decay,
+            generator=generator,
+            lr_decay_start=self.lr_decay_start,
+            betas=self.betas,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x).reconstruction.to(x.dtype)

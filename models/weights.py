@@ -1,0 +1,113 @@
+"""Weights files: atomic saves and safe, clearly-failing loads (``weights_only=True``).
+
+Checkpoint problems are the most common failure when running evaluations, so each one gets a single
+message that says what is wrong and what to do, instead of a PyTorch traceback about pickles or keys.
+Shared by victims, denoisers and every later trained component.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that exists but cannot be used (corrupt, not a state dict, wrong model)."""
+_NORMALIZATION_KEYS = ("mean", "std")
+
+
+def save_weights(module: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``module.state_dict()`` to ``path`` atomically.
+
+    The file is written next to its destination and moved into place with ``os.replace``, so a run that
+    dies mid-write (timeout, pre-emption) never leaves a truncated checkpoint that a later evaluation
+    would pick up.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    moved = False
+    try:
+        torch.save(module.state_dict(), tmp_name)
+        os.replace(tmp_name, path)
+        moved = True
+    finally:
+        if not moved:
+            Path(tmp_name).unlink(missing_ok=True)
+    return path
+
+
+def read_state_dict(path: str | os.PathLike[str], missing_hint: str) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (``weights_only=True``; ``.safetensors`` also accepted), one message per failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found: {missing_hint}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "file is empty or truncated"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a weights file: {type(err).__name__}: {detail[:200]}"
+        ) from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a weights file: expected a state dict of tensors "
+            f"(torch.save(model.state_dict(), path)), got {type(state).__name__}"
+        )
+    return dict(state)
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike[str], missing_hint: str) -> None:
+    """Load the state dict at ``path`` into ``module`` strictly, or raise one clear error.
+
+    For a wrapper with a ``net`` attribute (e.g. ``models.victims.Normalized``), a state dict without ``net.``-prefixed keys is loaded into
+    ``module.net`` (released weights of the bare architecture).
+    """
+    path = Path(path)
+    state = read_state_dict(path, missing_hint)
+    target = module
+    if isinstance(getattr(module, "net", None), nn.Module) and not any(k.startswith("net.") for k in state):
+        target = module.net
+    problems = _mismatches(target, state)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the model: {'; '.join(problems)}")
+    target.load_state_dict(state, strict=True)
+
+
+def _mismatches(module: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Describe missing/unexpected/mis-shaped keys (and a differing normalisation), first few of each."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    values = []
+    if all(k in expected for k in _NORMALIZATION_KEYS):  # normalisation buffers (Normalized)
+        values = [
+            f"{k}={state[k].flatten().tolist()} vs config {expected[k].flatten().tolist()}"
+            for k in _NORMALIZATION_KEYS
+            if k in state and state[k].shape == expected[k].shape and not torch.allclose(state[k], expected[k])
+        ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatch", shapes), ("normalisation differs", values)):
+        if keys:
+            more = f" (+{len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
+            problems.append(f"{label}: {', '.join(keys[:_MAX_LISTED_KEYS])}{more}")
+    return problems

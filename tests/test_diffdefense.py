@@ -1,0 +1,294 @@
+"""DiffDefense and the shared latent search: learning-rate rules, per-image restart selection, batching,
+gradients only through z, the purifier's flags/weights/config, and the audit running on it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses.base import Defended
+from defenses.diffdefense import DiffDefense
+from defenses.latent_search import decay_steps, latent_search, learning_rates
+from models.diffusion.schedule import DiffusionSchedule, to_model_space
+from models.diffusion.unet import DiffDefenseUNet
+from models.weights import save_weights
+
+# -- learning-rate rules ------------------------------------------------------------------------
+
+
+def test_decay_steps_is_ceil_of_0_8_L():
+    assert [decay_steps(L) for L in (1, 4, 5, 10)] == [1, 4, 4, 8]
+    assert all(decay_steps(L) == math.ceil(L * 0.8) for L in range(1, 500))
+
+
+def test_authors_learning_rates():
+    # Authors' code: Adam built with lr 0.02; after each step lr = 25·0.1^(i/⌈0.8L⌉), i = 1, 2, …
+    assert learning_rates(5, "authors") == pytest.approx([0.02, 14.058533, 7.905694, 4.445698, 2.5], rel=1e-6)
+    expected_10 = [0.02, 18.747355, 14.058533, 10.542413, 7.905694, 5.928434, 4.445699, 3.333804, 2.5, 1.874736]
+    assert learning_rates(10, "authors") == pytest.approx(expected_10, rel=1e-6)
+
+
+def test_alg1_decay_learning_rates():
+    # Alg. 1 line 8: η_i = η_{i−1}·Δ^(1/⌈0.8L⌉), η_0 = lr, computed before the update of line 10.
+    assert learning_rates(5, "decay", lr=1.0) == pytest.approx([0.562341, 0.316228, 0.177828, 0.1, 0.056234], rel=1e-5)
+    lrs = learning_rates(10, "decay", lr=0.02)
+    assert lrs[7] == pytest.approx(0.002) and lrs[9] == pytest.approx(0.02 * 0.1**1.25)
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))
+    assert learning_rates(3, "constant", lr=0.5) == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rates(3, "cosine")
+
+
+# -- latent search on a toy generator --------------------------------------------------------------
+
+LATENT, SHAPE = (6,), (1, 4, 4)
+
+
+class Toy(nn.Module):
+    """G(z) = sigmoid(A z + b) as a (1, 4, 4) image, with trainable parameters (to check .grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lin = nn.Linear(LATENT[0], 16)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.lin(z)).view(-1, *SHAPE)
+
+
+@pytest.fixture(scope="module")
+def toy_problem():
+    g = Toy()
+    with torch.no_grad():
+        target = (g(torch.randn(3, *LATENT, generator=torch.Generator().manual_seed(1))) + 0.05 * torch.randn(3, *SHAPE)).clamp(0, 1)
+    return g, target
+
+
+def _search(g, target, restarts=4, seed=0, **kw):
+    kw = {"iterations": 20, "optimizer": "adam", "lr": 0.1, "lr_schedule": "constant", **kw}
+    return latent_search(g, target, LATENT, restarts=restarts, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_latent_search_lowers_the_mse(toy_problem):
+    g, target = toy_problem
+    # Same seed and a constant rate: a longer run continues the same trajectory.
+    curve = [_search(g, target, iterations=L).mse_mean for L in (1, 5, 20, 60)]
+    for a, b in zip(curve, curve[1:]):
+        assert (b <= a + 1e-4).all()
+    assert (curve[-1] < 0.3 * curve[0]).all()
+    res = _search(g, target, iterations=60)
+    assert res.reconstruction.shape == target.shape and res.latent.shape == (3, *LATENT)
+    assert res.mse_best.shape == res.mse_mean.shape == (3,) and res.mse_all.shape == (3, 4)
+    assert not res.reconstruction.requires_grad and not res.mse_mean.requires_grad
+
+
+def test_latent_search_matches_a_manual_per_image_per_restart_loop(toy_problem):
+    """Each (image, restart) optimised alone with its own Adam gives the same final MSEs and the same pick."""
+    g, target = toy_problem
+    n, r, L = target.shape[0], 3, 6
+    z_init = torch.randn(n * r, *LATENT, generator=torch.Generator().manual_seed(5))
+    lrs = learning_rates(L, "authors", lr=0.02, lr_decay_start=2.0)
+    res = latent_search(g, target, LATENT, L, r, init=lambda shape: z_init.clone(), lr_decay_start=2.0)
+
+    manual = torch.empty(n, r)
+    images = torch.empty(n, r, *SHAPE)
+    for i in range(n):
+        for j in range(r):
+            z = z_init[i * r + j : i * r + j + 1].clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=lrs[0], betas=(0.5, 0.999))
+            for step in range(L):
+                x = g(z)
+                loss = F.mse_loss(x, target[i : i + 1])
+                if step == L - 1:
+                    break
+                opt.param_groups[0]["lr"] = lrs[step]
+                opt.zero_grad()
+                (grad,) = torch.autograd.grad(loss, z)
+                z.grad = grad
+                opt.step()
+            manual[i, j], images[i, j] = loss.detach(), x.detach()[0]
+    torch.testing.assert_close(res.mse_all, manual, rtol=1e-4, atol=1e-6)
+    best = manual.argmin(1)
+    torch.testing.assert_close(res.mse_best, manual[torch.arange(n), best], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.mse_mean, manual.mean(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.reconstruction, images[torch.arange(n), best], rtol=1e-4, atol=1e-5)
+    # The returned latent regenerates the returned reconstruction.
+    with torch.no_grad():
+        torch.testing.assert_close(g(res.latent), res.reconstruction, rtol=1e-4, atol=1e-5)
+
+
+def test_latent_search_sgd_is_plain_gradient_descent_on_each_images_mse(toy_problem):
+    g, target = toy_problem
+    z0 = torch.randn(3 * 2, *LATENT, generator=torch.Generator().manual_seed(2))
+    res = latent_search(g, target, LATENT, 2, 2, optimizer="sgd", lr=0.5, lr_schedule="constant",
+                        init=lambda s: z0.clone(), extra_generation=False)
+    z = z0.clone().requires_grad_(True)
+    per = (g(z) - target.repeat_interleave(2, 0)).pow(2).flatten(1).mean(1)
+    (grad,) = torch.autograd.grad(per.sum(), z)  # row k's gradient is that of its own MSE only
+    z1 = (z0 - 0.5 * grad).view(3, 2, *LATENT)
+    torch.testing.assert_close(res.latent, z1[torch.arange(3), res.mse_all.argmin(1)])
+    # extra_generation (Defense-GAN): L updates, then one more generation.
+    res2 = latent_search(g, target, LATENT, 1, 2, optimizer="sgd", lr=0.5, lr_schedule="constant",
+                         init=lambda s: z0.clone(), extra_generation=True)
+    torch.testing.assert_close(res2.latent, res.latent)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_latent_search_under_no_grad_and_inference_mode_leaves_no_grads(toy_problem, context):
+    g, target = toy_problem
+    with context():
+        tgt = target.clone()  # an inference tensor under inference_mode
+        start = _search(g, tgt, iterations=1)
+        res = _search(g, tgt, iterations=20)
+    assert (res.mse_mean < start.mse_mean).all()
+    assert all(p.grad is None and p.requires_grad for p in g.parameters())
+
+
+def test_latent_search_result_of_an_image_does_not_depend_on_the_batch(toy_problem):
+    g, target = toy_problem
+    r = 3
+    z_all = torch.randn(3 * r, *LATENT, generator=torch.Generator().manual_seed(9))
+    kw = {"iterations": 8, "lr_decay_start": 1.0}
+    alone = latent_search(g, target[1:2], LATENT, restarts=r, init=lambda s: z_all[r : 2 * r].clone(), **kw)
+    batch = latent_search(g, target, LATENT, restarts=r, init=lambda s: z_all.clone(), **kw)
+    torch.testing.assert_close(batch.mse_all[1:2], alone.mse_all, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(batch.reconstruction[1:2], alone.reconstruction, rtol=1e-5, atol=1e-6)
+    # Seeded default initialisation: the same seed gives the same result.
+    a, b = _search(g, target, seed=4, iterations=3), _search(g, target, seed=4, iterations=3)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction)
+
+
+# -- DiffDefense ------------------------------------------------------------------------------------
+
+
+def _tiny_unet() -> DiffDefenseUNet:
+    return DiffDefenseUNet(1, base_channels=8, channel_mults=(1, 2), image_size=28, blocks_per_level=1, bottleneck_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser(fmnist_dm):
+    """A small DiffDefense U-Net trained for 60 Adam steps on 512 Fashion-MNIST images (DDPM loss)."""
+    schedule = DiffusionSchedule()  # the config's: T = 100, β 1e-5 → 0.02
+    x_train = torch.stack([fmnist_dm.train_set[i][0] for i in range(512)])
+    torch.manual_seed(0)
+    net = _tiny_unet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(60):
+        x0 = to_model_space(x_train[torch.randint(0, 512, (32,))])
+        t = torch.randint(0, schedule.num_steps, (32,))
+        noise = torch.randn_like(x0)
+        loss = F.mse_loss(net(schedule.q_sample(x0, t, noise), t), noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), schedule
+
+
+def _dd(tiny_denoiser, **kw) -> DiffDefense:
+    net, schedule = tiny_denoiser
+    return DiffDefense(net, schedule, **{"t_star": 4, "iterations": 5, "restarts": 2, **kw})
+
+
+def test_diffdefense_reconstructs_clean_images(tiny_denoiser, fmnist_test_batch):
+    x = fmnist_test_batch[0][:8]
+    dd = _dd(tiny_denoiser)
+    assert dd.stochastic is True and dd.differentiable is False
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        res = dd.reconstruct(x)
+        torch.manual_seed(0)
+        out = dd(x)
+        torch.manual_seed(0)
+        first = _dd(tiny_denoiser, iterations=1).reconstruct(x)  # no optimisation: a random generation
+    assert out.shape == x.shape and out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
+    torch.testing.assert_close(out, res.reconstruction)
+    noise_mse = F.mse_loss(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), x)
+    assert res.mse_best.mean() < 0.5 * noise_mse
+    assert (res.mse_best < first.mse_best).all()  # the latent optimisation, not luck
+    assert (res.mse_mean >= res.mse_best - 1e-7).all()  # the detection score is a mean over restarts
+    torch.testing.assert_close(res.mse_best, (res.reconstruction - x).pow(2).flatten(1).mean(1))
+    assert all(p.grad is None and not p.requires_grad for p in dd.denoiser.parameters())
+    # clamp output: also valid images, also improved by the search.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        clamped = _dd(tiny_denoiser, output="clamp").reconstruct(x)
+    assert 0 <= clamped.reconstruction.min() and clamped.reconstruction.max() <= 1
+    assert clamped.mse_best.mean() < noise_mse
+
+
+def test_gradient_through_denoiser_is_full_and_default_only_linear_terms(tiny_denoiser, fmnist_test_batch):
+    x = fmnist_test_batch[0][:4]
+    z = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    def grad_of(dd):
+        zz = z.clone().requires_grad_(True)
+        loss = F.mse_loss(dd.generate(zz, torch.Generator().manual_seed(7)), x)
+        return torch.autograd.grad(loss, zz)[0]
+
+    default, full = _dd(tiny_denoiser), _dd(tiny_denoiser, grad_through_denoiser=True)
+    g_lin, g_full = grad_of(default), grad_of(full)
+    assert not torch.allclose(g_lin, g_full, rtol=1e-3, atol=0)
+    # Default: ε_θ is a constant, so ∇_{z_T} = Π_{t<T*} 1/√α_t · ∇_{z_0} (sigmoid output).
+    with torch.no_grad():
+        sched = default.schedule
+        z0 = sched.sample_loop(default.denoiser, z, default.t_star,
+                               noise_fn=_noise_fn(torch.Generator().manual_seed(7)))
+    z0 = z0.requires_grad_(True)
+    (g0,) = torch.autograd.grad(F.mse_loss(torch.sigmoid(z0), x), z0)
+    scale = sched.alphas[: default.t_star].rsqrt().prod()
+    torch.testing.assert_close(g_lin, scale * g0, rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in full.denoiser.parameters())
+
+
+def _noise_fn(generator):
+    return lambda x, i: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def test_missing_and_saved_weights(tiny_denoiser, tmp_path):
+    net, schedule = tiny_denoiser
+    path = tmp_path / "fashion_mnist" / "denoiser-diffdefense_unet.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        DiffDefense(_tiny_unet(), schedule, weights=str(path), t_star=4)
+    assert str(path) in str(err.value)
+    assert "python train.py model=denoiser dataset=fashion_mnist" in str(err.value)
+    save_weights(net, path)
+    loaded = DiffDefense(_tiny_unet(), schedule, weights=str(path), t_star=4)
+    for a, b in zip(loaded.denoiser.state_dict().values(), net.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert not loaded.denoiser.training
+    loaded.train()
+    assert loaded.training and not loaded.denoiser.training
+    with pytest.raises(ValueError, match="t_star"):
+        DiffDefense(_tiny_unet(), schedule, t_star=101)
+
+
+def test_config_composes_and_points_at_the_dataset_denoiser(compose):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = compose("evaluate", ["defense=diffdefense"])
+    assert cfg.defense.name == "diffdefense"
+    assert cfg.defense.purifier.weights.endswith("checkpoints/fashion_mnist/denoiser-diffdefense_unet.pt")
+    with pytest.raises(InstantiationException, match="python train.py model=denoiser dataset=fashion_mnist"):
+        instantiate(cfg.defense.purifier)
+    dd = instantiate(cfg.defense.purifier, weights=None)
+    assert isinstance(dd, DiffDefense) and isinstance(dd.denoiser, DiffDefenseUNet)
+    assert (dd.t_star, dd.iterations, dd.restarts, dd.optimizer, dd.output) == (15, 5, 5, "adam", "sigmoid")
+    assert dd.betas == (0.5, 0.999) and dd.schedule.num_steps == 100 and not dd.grad_through_denoiser
+
+
+def test_audit_runs_on_diffdefense(tiny_denoiser, trained_victim, fmnist_test_batch):
+    from evaluation.audit import format_report, run_audit
+
+    x, y = fmnist_test_batch
+    dd = _dd(tiny_denoiser, t_star=2, iterations=2, restarts=1)
+    report = run_audit(Defended(dd, trained_victim), x[:8], y[:8], eps=0.3, steps=2, eot_samples=2, n_draws=2, square_queries=10)
+    names = {c["name"] for c in report["checks"]}
+    assert names == {
+        "a_large_eps_to_chance", "a_monotone_in_eps", "b_more_iterations_never_help", "c_full_gradient_strongest",
+        "d_gradients_finite_nonzero_consistent", "e_frozen_randomness_not_stronger", "f_adversarial_examples_valid",
+    }, format_report(report)
+    print(format_report(report))
