@@ -20,7 +20,7 @@ from evaluation.runner import run_evaluation
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
     result = run_evaluation(cfg)
-    if cfg.audit:
+    if cfg.audit or cfg.get("detection"):
         return None
     print(
         f"{result['dataset']} | {result['victim']} | {result['defense']} | {result['attack']} ({result['threat']}): "

@@ -36,3 +36,20 @@ class GaussianNoiseL2:
         g = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
         norms = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         return (x + self.eps * g / norms).clamp(0, 1).detach()
+
+
+class NoAttack:
+    """``model -> callable(x, y)`` returning ``x`` unchanged: the "No attack" row (``conf/attack/none.yaml``).
+
+    Scoring it gives clean accuracy through the same loop, threat and purifier as every attack.
+
+    Examples::
+        >>> NoAttack(model)(x, y) is not x and torch.equal(NoAttack(model)(x, y), x)
+        True
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return x.detach().clone()

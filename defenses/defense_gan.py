@@ -11,6 +11,7 @@ with the identity backward (``Purifier.bpda_approximation``) plus EOT.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,16 @@ from torch import nn
 from defenses.base import Purifier
 from defenses.latent_search import LatentSearchResult, latent_search
 from models.weights import load_weights
+
+DEFAULT_GAN = "defensegan_wgan"  # conf/train.yaml's default gan
+
+
+def _train_hint(path: Path) -> str:
+    """The command that writes ``<checkpoint_dir>/<dataset>/gan-<name>.pt``."""
+    command = f"python train.py model=gan dataset={path.parent.name}"
+    if path.stem.startswith("gan-") and path.stem[len("gan-"):] != DEFAULT_GAN:
+        command += f" gan={path.stem[len('gan-'):]}"
+    return f"train the Defense-GAN generator first: `{command}`"
 
 
 class DefenseGAN(Purifier):
@@ -54,10 +65,7 @@ class DefenseGAN(Purifier):
     ) -> None:
         super().__init__()
         if weights is not None:
-            load_weights(
-                generator, weights,
-                missing_hint="train the Defense-GAN generator first: `python train.py model=gan dataset=<dataset>`",
-            )
+            load_weights(generator, weights, missing_hint=_train_hint(Path(weights)))
         self.generator = generator.eval().requires_grad_(False)
         self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim"))
         if iterations < 1 or restarts < 1:

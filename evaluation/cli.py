@@ -27,8 +27,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, Va
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """Option names of a config group, nested ones included relative to it (``table3/diffdefense_l5r1``)."""
     folder = conf_dir / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")) if folder.is_dir() else []
 
 
 def check_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from evaluation.loop import evaluate
 from evaluation.results import device_name, git_commit, write_csv_atomic, write_json_atomic
 
 #: Config keys that do not change the numbers, left out of the resume-cache key.
-_NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "table", "device")
+_NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "table", "device", "detection")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,15 +33,24 @@ def build_defended(cfg: DictConfig) -> Defended:
 
 
 def cache_key(cfg: DictConfig) -> str:
-    """Hash of everything that determines the numbers, including the victim's weights file."""
+    """Hash of everything that determines the numbers, including every weights file the config loads
+    (victim, surrogate, denoiser, GAN …), so retraining any of them invalidates the cached batches."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY}
     plain["eval"] = {k: v for k, v in plain["eval"].items() if k in ("n_draws",)}
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
-    weights = cfg.victim.get("weights")
-    if weights and Path(weights).is_file():
-        digest.update(hashlib.sha256(Path(weights).read_bytes()).digest())
+    for path in sorted(set(_weights_files(plain))):
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+def _weights_files(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "weights" and isinstance(v, str) and Path(v).is_file()]
+        return found + [f for v in node.values() for f in _weights_files(v)]
+    if isinstance(node, list):
+        return [f for v in node for f in _weights_files(v)]
+    return []
 
 
 def run_label(cfg: DictConfig) -> dict[str, Any]:
@@ -67,6 +77,24 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     threat = instantiate(cfg.threat.model)
     if cfg.audit:
         return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
+    if cfg.get("detection"):
+        from evaluation.detection import run_detection
+
+        extra = {
+            **run_label(cfg),
+            "table": OmegaConf.to_container(cfg.table, resolve=True),
+            "paper": _paper_number(cfg),
+            "device": device_name(device),
+            "git_commit": git_commit(Path(__file__).parent),
+            "seed": cfg.seed,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        key = f"{cfg.dataset.name}-{cache_key(cfg)}-detection.jsonl"
+        return run_detection(
+            defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
+            cache_file=Path(cfg.eval.cache_dir) / key if cfg.eval.resume else None, progress=cfg.eval.progress,
+            out_dir=out_dir, extra=extra,
+        )
 
     cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg)}.jsonl" if cfg.eval.resume else None
     metrics = evaluate(
@@ -93,18 +121,51 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "cache_file": str(cache_file) if cache_file else None,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if cfg.eval.get("time_purifier"):
+        result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
+        result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
     write_json_atomic(out_dir / "results.json", result)
     write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper")}])
     log_summary(cfg, result)
     return result
 
 
-def _paper_number(cfg: DictConfig) -> float | None:
+def _paper_number(cfg: DictConfig, column: str | None = None) -> float | None:
     paper = cfg.get("paper")
     if not paper:
         return None
     row = paper.get(str(cfg.table.row))
-    return None if row is None else row.get(str(cfg.table.column))
+    return None if row is None else row.get(str(cfg.table.column) if column is None else column)
+
+
+@torch.no_grad()
+def time_purifier(purifier: torch.nn.Module, datamodule, device: torch.device, bs1_images: int, seed: int = 0) -> dict:
+    """Seconds per image of the purifier alone on the first eval batch: batched, and one image at a time.
+
+    Clean images (the time does not depend on the content); one untimed warm-up call on one image first.
+    """
+    datamodule.setup("test")
+    x, _ = next(iter(datamodule.test_dataloader()))
+    x = x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(seed)
+    purifier.eval()(x[:1])  # warm-up (lazy device moves, kernel selection), not timed
+    sync()
+    start = time.perf_counter()
+    purifier(x)
+    sync()
+    batched = (time.perf_counter() - start) / x.shape[0]
+    n = min(int(bs1_images), x.shape[0])
+    start = time.perf_counter()
+    for i in range(n):
+        purifier(x[i : i + 1])
+    sync()
+    return {
+        "purify_s_per_image_batched": batched,
+        "purify_s_per_image_bs1": (time.perf_counter() - start) / n if n else None,
+        "purify_batch_size": int(x.shape[0]),
+        "purify_bs1_images": n,
+    }
 
 
 def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 from evaluation.results import write_text_atomic
 
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images", "images_per_s", "seconds")
+#: Shown only when some run has them (eval.time_purifier=true), with 4 significant digits.
+TIMING_COLUMNS = ("purify_s_per_image_batched", "purify_s_per_image_bs1", "paper_purify_s_per_image")
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -58,10 +60,12 @@ def grid_table(results: list[dict[str, Any]]) -> str:
 
 
 def long_table(results: list[dict[str, Any]]) -> str:
-    keys = ("dataset", "victim", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + ("paper",)
+    timing = tuple(k for k in TIMING_COLUMNS if any(r.get(k) is not None for r in results))
+    keys = ("dataset", "victim", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + ("paper",)
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     for r in sorted(results, key=lambda r: (r["dataset"], r["victim"], r["defense"], r["threat"], r["attack"])):
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        fmt = lambda k: f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k))  # noqa: E731
+        lines.append("| " + " | ".join(fmt(k) for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ EPS = {"Linf": 0.3, "L2": 1.5}
 EXPECTED = {
     "fgsm", "bim", "pgd", "pgd_dlr", "pgd_l2", "pgd_restarts", "deepfool", "cw", "eot_pgd",
     "pgd_eot_strong", "square", "apgd_ce", "apgd_dlr", "autoattack", "autoattack_fast", "ead",
-    "fab", "ti_fgsm", "ti_bim", "gaussian_noise",
+    "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none",
 }  # fmt: skip
 
 # Shrunken budgets for the CPU test (the configs' own defaults are the papers').
@@ -101,7 +101,9 @@ def test_attack_config_attacks_the_victim(name, trained_victim, batch, acc):
         assert _norms(x_adv - x)[attack.norm].max() <= attack.eps + 1e-5
     clean, adv = acc(trained_victim, x, y), acc(trained_victim, x_adv, y)
     assert clean > 0.6
-    if attack.kind == "noise":
+    if name == "none":
+        assert torch.equal(x_adv, x)  # the "no attack" row
+    elif attack.kind == "noise":
         assert (x_adv != x).any()  # ε = 1.5 of ℓ2 noise barely moves accuracy: see test_gaussian_noise_*
     else:
         assert adv <= clean - 0.3, f"{name}: accuracy {clean:.2f} -> {adv:.2f}"

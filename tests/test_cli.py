@@ -82,3 +82,28 @@ def test_corrupt_checkpoint_is_one_line_and_overwrites_nothing(tmp_path):
     assert len(lines) == 1 and "corrupt" in lines[0] and str(ckpt) in lines[0], lines
     assert ckpt.read_bytes() == b"not a checkpoint"
     assert (run_dir / "results.json").read_text() == '{"keep": true}'
+
+
+def test_resume_cache_key_follows_every_weights_file(compose):
+    from evaluation.runner import cache_key
+
+    cfg = compose("evaluate", ["defense=diffdefense"])
+    before = cache_key(cfg)
+    denoiser = Path(cfg.defense.denoiser.weights)
+    denoiser.parent.mkdir(parents=True, exist_ok=True)
+    denoiser.write_bytes(b"v1")
+    with_v1 = cache_key(cfg)
+    denoiser.write_bytes(b"v2")  # retrained denoiser: cached batches must not be reused
+    assert len({before, with_v1, cache_key(cfg)}) == 3
+    assert cache_key(compose("evaluate", ["defense=diffdefense", "eval.progress=true"])) == cache_key(cfg)
+
+
+def test_wandb_summary_written_offline(compose, tmp_path):
+    from evaluation.runner import log_summary
+
+    cfg = compose("evaluate", ["logger=wandb", f"paths.output_dir={tmp_path / 'wb'}"])
+    assert cfg.logger.wandb.mode == "offline"
+    result = {"defense": "none", "attack": "fgsm", "threat": "white_box_adaptive", "robust_acc": 12.5, "config": {}}
+    log_summary(cfg, result)
+    runs = list((tmp_path / "wb").rglob("offline-run-*/*.wandb"))  # offline: the summary lives in the run file
+    assert len(runs) == 1 and b"robust_acc" in runs[0].read_bytes() and b"12.5" in runs[0].read_bytes()

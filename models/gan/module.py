@@ -122,7 +122,10 @@ class WGANModule(LitBase):
             self.generator.train(was_training)
 
     # -- losses ----------------------------------------------------------------------------------
-    def critic_loss(self, real: torch.Tensor, fake: torch.Tensor, penalty: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def critic_loss(
+        self, real: torch.Tensor, fake: torch.Tensor, penalty: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """−(E[D(real)] − E[D(fake)]) + λ·GP (the penalty only when ``penalty`` and λ > 0), and logs."""
         wasserstein = self.critic(real).mean() - self.critic(fake).mean()
         logs = {"wasserstein": wasserstein.detach()}
         loss = -wasserstein
@@ -188,4 +191,5 @@ class WGANModule(LitBase):
         every = self.sample_every_n_epochs
         if not every or (self.current_epoch + 1) % every or self._trainer is None:
             return
-        save_sample_grid(self.sample(self.n_samples, generator=torch.Generator().manual_seed(0)), self.trainer, self.current_epoch)
+        images = self.sample(self.n_samples, generator=torch.Generator().manual_seed(0))
+        save_sample_grid(images, self.trainer, self.current_epoch)

@@ -1,8 +1,9 @@
 """Defense-GAN's MNIST WGAN generator and critic (Samangouei et al. 2018, released code
 ``models/dataset_models.py``: ``mnist_generator`` / ``mnist_discriminator``), in PyTorch.
 
-Generator: z ∈ R^128 → Linear → 4·4·(4·width) → ReLU → 5×5 transposed conv (stride 2) to 2·width → ReLU
-→ crop 8×8 to 7×7 → 5×5 transposed conv to width → ReLU → 5×5 transposed conv to C → sigmoid: 28×28 in [0, 1].
+Generator: z ∈ R^128 → Linear → 4·4·(4·width) → ReLU → 5×5 transposed conv (stride 2) to 2·width
+→ ReLU → crop 8×8 to 7×7 → 5×5 transposed conv to width → ReLU → 5×5 transposed conv to C → sigmoid:
+28×28 in [0, 1].
 Critic: three 5×5 stride-2 convs (width, 2·width, 4·width) with LeakyReLU(0.2), no normalisation (a WGAN-GP
 critic must not use batch norm: the penalty is per sample), then Linear → one score per image.
 
