@@ -7,6 +7,7 @@ Images are always float in [0, 1]: normalisation belongs to the victim so that Î
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import numpy as np
@@ -56,7 +57,7 @@ def eval_subset_indices(n_test: int, n: int, chunk: int = 64) -> np.ndarray:
     return np.concatenate(parts)[:n]
 
 
-class ImageDataModule(LightningDataModule):
+class ImageDataModule(LightningDataModule, ABC):
     """Base of every dataset module.
 
     Args:
@@ -108,9 +109,9 @@ class ImageDataModule(LightningDataModule):
         self.test_set: Dataset | None = None
 
     # -- what subclasses provide -------------------------------------------------------------
+    @abstractmethod
     def load_split(self, train: bool) -> TensorImageDataset | Dataset:
         """Return the full train or test split (images in [0, 1])."""
-        raise NotImplementedError(f"{type(self).__name__} must implement load_split")
 
     def train_transform(self) -> Callable | None:
         """Augmentation applied to training images only (none by default)."""

@@ -18,17 +18,9 @@ from torch import nn
 
 from defenses.base import Purifier
 from defenses.latent_search import LatentSearchResult, latent_search
-from models.weights import load_weights
+from models.weights import load_weights, train_hint
 
 DEFAULT_GAN = "defensegan_wgan"  # conf/train.yaml's default gan
-
-
-def _train_hint(path: Path) -> str:
-    """The command that writes ``<checkpoint_dir>/<dataset>/gan-<name>.pt``."""
-    command = f"python train.py model=gan dataset={path.parent.name}"
-    if path.stem.startswith("gan-") and path.stem[len("gan-"):] != DEFAULT_GAN:
-        command += f" gan={path.stem[len('gan-'):]}"
-    return f"train the Defense-GAN generator first: `{command}`"
 
 
 class DefenseGAN(Purifier):
@@ -65,7 +57,7 @@ class DefenseGAN(Purifier):
     ) -> None:
         super().__init__()
         if weights is not None:
-            load_weights(generator, weights, missing_hint=_train_hint(Path(weights)))
+            load_weights(generator, weights, missing_hint=train_hint(weights, "gan", DEFAULT_GAN))
         self.generator = generator.eval().requires_grad_(False)
         self.latent_dim = int(latent_dim if latent_dim is not None else getattr(generator, "latent_dim"))
         if iterations < 1 or restarts < 1:

@@ -52,18 +52,10 @@ from torch import Tensor, nn
 from defenses.base import Purifier
 from defenses.latent_search import LR_SCHEDULES, OPTIMIZERS, LatentSearchResult, latent_search
 from models.diffusion.schedule import DiffusionSchedule, to_image_space
-from models.weights import load_weights
+from models.weights import load_weights, train_hint
 
 OUTPUTS = ("sigmoid", "clamp")
 DEFAULT_DENOISER = "diffdefense_unet"  # conf/train.yaml's default denoiser
-
-
-def _train_hint(path: Path) -> str:
-    """The command that writes ``<checkpoint_dir>/<dataset>/denoiser-<name>.pt``."""
-    command = f"python train.py model=denoiser dataset={path.parent.name}"
-    if path.stem.startswith("denoiser-") and path.stem[len("denoiser-"):] != DEFAULT_DENOISER:
-        command += f" denoiser={path.stem[len('denoiser-'):]}"
-    return f"train it with `{command}`"
 
 
 class DiffDefense(Purifier):
@@ -117,7 +109,7 @@ class DiffDefense(Purifier):
             raise ValueError(f"unknown output {output!r}: use one of {OUTPUTS}")
         if weights is not None:
             path = Path(weights)
-            load_weights(denoiser, path, missing_hint=_train_hint(path))
+            load_weights(denoiser, path, missing_hint=train_hint(path, "denoiser", DEFAULT_DENOISER))
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.schedule = schedule
         self.weights = None if weights is None else str(weights)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,27 +24,16 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluation.results import write_text_atomic  # noqa: E402
+from evaluation.results import write_atomic, write_text_atomic  # noqa: E402
 from evaluation.tables import load_results  # noqa: E402
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG via a temporary file in the same folder; close the figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Save a matplotlib figure as PNG atomically; close the figure."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
     finally:
         plt.close(fig)
-    return path
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:

@@ -13,18 +13,19 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import torch
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
+def write_atomic(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +33,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

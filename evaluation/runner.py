@@ -66,6 +66,19 @@ def run_label(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def run_metadata(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """What every result file carries besides its metrics: labels, paper number, provenance, config."""
+    return {
+        **run_label(cfg),
+        "table": OmegaConf.to_container(cfg.table, resolve=True),
+        "paper": _paper_number(cfg),
+        "device": device_name(device),
+        "git_commit": git_commit(Path(__file__).parent),
+        "seed": cfg.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one table cell and write results.json / results.csv / grid.png into the run folder."""
     torch.manual_seed(cfg.seed)
@@ -80,15 +93,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("detection"):
         from evaluation.detection import run_detection
 
-        extra = {
-            **run_label(cfg),
-            "table": OmegaConf.to_container(cfg.table, resolve=True),
-            "paper": _paper_number(cfg),
-            "device": device_name(device),
-            "git_commit": git_commit(Path(__file__).parent),
-            "seed": cfg.seed,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
+        extra = run_metadata(cfg, device)
         key = f"{cfg.dataset.name}-{cache_key(cfg)}-detection.jsonl"
         return run_detection(
             defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
@@ -111,15 +116,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         grid_path=out_dir / "grid.png" if cfg.eval.grid else None,
     )
     result = {
-        **run_label(cfg),
+        **run_metadata(cfg, device),
         **metrics,
-        "table": OmegaConf.to_container(cfg.table, resolve=True),
-        "paper": _paper_number(cfg),
-        "device": device_name(device),
-        "git_commit": git_commit(Path(__file__).parent),
-        "seed": cfg.seed,
         "cache_file": str(cache_file) if cache_file else None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if cfg.eval.get("time_purifier"):
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))

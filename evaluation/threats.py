@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import nn
 
 from attacks.base import Attack
@@ -16,11 +18,12 @@ from attacks.wrappers import BPDA, EOT
 from defenses.base import Defended
 
 
-class ThreatModel:
+class ThreatModel(ABC):
     name: str = "threat"
 
+    @abstractmethod
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
-        raise NotImplementedError
+        """The model ``attack`` is run against."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -7,6 +7,7 @@ checkpoints, resume and loggers are Lightning's, configured in ``train.py``.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterable
 
 import torch
@@ -17,7 +18,7 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
-class LitBase(LightningModule):
+class LitBase(LightningModule, ABC):
     def __init__(
         self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None, export_path: str | None = None
     ) -> None:
@@ -26,12 +27,13 @@ class LitBase(LightningModule):
         self.scheduler_factory = scheduler
         self.export_path = export_path
 
+    @abstractmethod
     def export(self) -> nn.Module:
         """The trained network, as evaluation will load it (e.g. the victim, or the EMA denoiser)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement export()")
 
+    @abstractmethod
     def step(self, batch: Any, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+        """Loss and extra logs of one batch in ``stage`` (train / val / test)."""
 
     def _shared(self, batch: Any, stage: str) -> torch.Tensor:
         loss, logs = self.step(batch, stage)

@@ -27,6 +27,7 @@ Inputs must be images in [0, 1] (ε is in pixel units); normalisation belongs in
 from __future__ import annotations
 
 import functools
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -124,7 +125,7 @@ def sign_gradient_ascent(
 # ----------------------------------------------------------------------------------------------
 # objectives
 # ----------------------------------------------------------------------------------------------
-class TrainingLoss:
+class TrainingLoss(ABC):
     """Base class: ``loss(model, x, y) -> (scalar to minimise, dict of detached logs)``.
 
     Subclasses that train on adversarial examples also implement ``adversary(model, x, y)``.
@@ -136,11 +137,12 @@ class TrainingLoss:
     #: whether ``adversary`` is meaningful (False for ``Standard``).
     adversarial: bool = False
 
+    @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Logs]:
-        raise NotImplementedError
+        """The loss to minimise on (x, y) and extra logs."""
 
     def adversary(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} trains on clean inputs only")
+        raise TypeError(f"{type(self).__name__} trains on clean inputs only: it has no adversary")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -23,6 +23,19 @@ class CheckpointError(RuntimeError):
 _NORMALIZATION_KEYS = ("mean", "std")
 
 
+def train_hint(path: str | os.PathLike[str], model: str, default_name: str) -> str:
+    """The ``train.py`` command that writes ``<checkpoint_dir>/<dataset>/<model>-<name>.pt``.
+
+    Used in "weights not found" messages of denoisers, GANs and later trained components.
+    """
+    path = Path(path)
+    command = f"python train.py model={model} dataset={path.parent.name}"
+    prefix = f"{model}-"
+    if path.stem.startswith(prefix) and path.stem[len(prefix):] != default_name:
+        command += f" {model}={path.stem[len(prefix):]}"
+    return f"train it first with `{command}`"
+
+
 def save_weights(module: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``module.state_dict()`` to ``path`` atomically.
 

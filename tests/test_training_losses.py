@@ -114,7 +114,7 @@ def test_mode_restored_when_model_raises(name, batch):
 
 
 def test_standard_has_no_adversary(model, batch):
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="no adversary"):
         Standard().adversary(model, *batch)
 
 

@@ -31,13 +31,12 @@ class ClassifierA(nn.Sequential):
             nn.Dropout(0.25),
             nn.Flatten(),
         )
-        flat = _flat_features(features, in_channels, input_size)
-        super().__init__(
-            *features,
-            nn.Linear(flat, 128), nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(128, num_classes),
-        )
+        super().__init__(*features, *_hidden_head(_flat_features(features, in_channels, input_size), num_classes))
+
+
+def _hidden_head(flat: int, num_classes: int) -> list[nn.Module]:
+    """FC 128 → ReLU → Dropout(.5) → FC: the head shared by classifier A and the pytorch/examples CNN."""
+    return [nn.Linear(flat, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes)]
 
 
 class ClassifierB(nn.Sequential):
@@ -77,10 +76,4 @@ class PyTorchExamplesCNN(nn.Sequential):
             nn.Dropout(0.25),
             nn.Flatten(),
         )
-        flat = _flat_features(features, in_channels, input_size)
-        super().__init__(
-            *features,
-            nn.Linear(flat, 128), nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(128, num_classes),
-        )
+        super().__init__(*features, *_hidden_head(_flat_features(features, in_channels, input_size), num_classes))
