@@ -34,17 +34,24 @@ test-all: install
 	$(PY) -m pytest -q
 
 # The main job on the offline default: train classifiers A and B briefly on Fashion-MNIST, attack A
-# white-box and by transfer from B (FGSM / PGD / DeepFool), print the table, save image grids.
+# white-box and by transfer from B (FGSM / PGD / DeepFool); train a small DDPM (reused when its checkpoint
+# exists) and show DiffDefense under PGD (paper's oblivious protocol + a small adaptive BPDA+EOT run);
+# print the table, save image grids.
 DEMO_DIR := multirun/demo
-DEMO_TRAIN := trainer.max_epochs=1 dataset.datamodule.train_subset=20000 logger=csv trainer.enable_progress_bar=false
+DEMO_TRAIN := dataset.datamodule.train_subset=20000 logger=csv trainer.enable_progress_bar=false
+DENOISER := checkpoints/fashion_mnist/denoiser-diffdefense_unet.pt
 demo: install
 	@start=$$(date +%s); \
-	$(PY) train.py victim=classifier_a $(DEMO_TRAIN) && \
-	$(PY) train.py victim=classifier_b $(DEMO_TRAIN) && \
+	$(PY) train.py victim=classifier_a trainer.max_epochs=1 $(DEMO_TRAIN) && \
+	$(PY) train.py victim=classifier_b trainer.max_epochs=1 $(DEMO_TRAIN) && \
+	{ test -f $(DENOISER) || $(PY) train.py model=denoiser trainer.max_epochs=2 test_after_training=false $(DEMO_TRAIN); } && \
 	rm -rf $(DEMO_DIR) && \
-	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR) && \
+	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR)/none && \
+	$(PY) evaluate.py -m experiment=demo_diffdefense attack=none,pgd hydra.sweep.dir=$(DEMO_DIR)/diffdefense && \
+	$(PY) evaluate.py experiment=demo_diffdefense threat=white_box_adaptive threat.model.eot_samples=2 \
+	  attack.builder.steps=5 dataset.eval_subset=32 hydra.run.dir=$(DEMO_DIR)/diffdefense_adaptive && \
 	$(PY) -m evaluation.tables $(DEMO_DIR) && \
-	echo "image grids: $(DEMO_DIR)/*/grid.png" && \
+	echo "image grids: $(DEMO_DIR)/*/*/grid.png" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
 # Aggregate a multirun folder into Markdown (default: the newest under multirun/): make tables RUN=multirun/…
