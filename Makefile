@@ -49,7 +49,7 @@ demo: install
 	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR)/none && \
 	$(PY) evaluate.py -m experiment=demo_diffdefense attack=none,pgd hydra.sweep.dir=$(DEMO_DIR)/diffdefense && \
 	$(PY) evaluate.py experiment=demo_diffdefense threat=white_box_adaptive threat.model.eot_samples=2 \
-	  attack.builder.steps=5 dataset.eval_subset=32 hydra.run.dir=$(DEMO_DIR)/diffdefense_adaptive && \
+	  attack.builder.steps=5 attack.builder.alpha=0.075 dataset.eval_subset=32 hydra.run.dir=$(DEMO_DIR)/diffdefense_adaptive && \
 	$(PY) -m evaluation.tables $(DEMO_DIR) && \
 	echo "image grids: $(DEMO_DIR)/*/*/grid.png" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"

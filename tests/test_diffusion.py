@@ -292,7 +292,16 @@ def test_ema_update_is_an_exponential_average():
     with torch.no_grad():
         module.denoiser.head.weight.add_(1.0)
     module.on_train_batch_end(None, None, 1)
-    assert torch.allclose(module.ema.module.head.weight, 0.9 * w0 + 0.1 * (w0 + 1.0), atol=1e-6)
+    d = 2 / 11  # warm-up: min(0.9, (1 + n) / (10 + n)) with n = 1 earlier update
+    assert torch.allclose(module.ema.module.head.weight, d * w0 + (1 - d) * (w0 + 1.0), atol=1e-6)
+
+
+def test_ema_decay_warms_up_to_its_ceiling():
+    from models.diffusion.module import warmup_ema
+
+    a, c = torch.zeros(3), torch.ones(3)
+    assert torch.allclose(warmup_ema(a, c, torch.tensor(0), decay=0.999), torch.full((3,), 0.9))  # d = 0.1
+    assert torch.allclose(warmup_ema(a, c, torch.tensor(10**6), decay=0.999), torch.full((3,), 0.001), atol=1e-6)
 
 
 def test_ema_parameters_are_not_trained():
