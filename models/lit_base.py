@@ -7,7 +7,9 @@ checkpoints, resume and loggers are Lightning's, configured in ``train.py``.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -51,6 +53,18 @@ class LitBase(LightningModule, ABC):
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared(batch, "test")
+
+    def save_sample_grid(self, images: torch.Tensor) -> Path | None:
+        """Write ``images`` (in [0, 1]) to ``<log_dir>/samples/epoch_<epoch>.png`` on rank zero (generative modules)."""
+        log_dir = self.trainer.log_dir  # collective (broadcast) call: every rank makes it
+        if not log_dir or not self.trainer.is_global_zero:
+            return None
+        from torchvision.utils import save_image
+
+        path = Path(log_dir) / "samples" / f"epoch_{self.current_epoch:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, path, nrow=max(1, int(math.sqrt(len(images)))))
+        return path
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -39,7 +37,7 @@ class DenoiserModule(LitBase):
             every training batch (``torch.optim.swa_utils.AveragedModel``); ``None`` disables it. The EMA
             (when on) is the model validated, sampled and exported.
         sample_every_n_epochs: save a grid of ``n_samples`` images generated from pure noise to
-            ``<trainer.log_dir>/samples/epoch_XXXX.png`` at the end of every such epoch (0/None: never).
+            ``<trainer.log_dir>/samples/epoch_<epoch>.png`` at the end of every such epoch (0/None: never).
         n_samples: images in that grid (fixed seed, so grids of successive epochs are comparable). With
             a short schedule (DiffDefense's T = 100, β ≤ 0.02: ᾱ_T ≈ 0.37) x_T ~ N(0, I) is off the training
             distribution, so these grids understate the model; they are a sanity check, not a metric.
@@ -146,12 +144,6 @@ class DenoiserModule(LitBase):
         every = self.sample_every_n_epochs
         if not every or (self.current_epoch + 1) % every or self._trainer is None:
             return
-        log_dir = self.trainer.log_dir  # collective (broadcast) call: every rank makes it
-        if not log_dir or not self.trainer.is_global_zero:
+        if not self.trainer.log_dir:
             return
-        from torchvision.utils import save_image
-
-        images = self.sample(self.n_samples, generator=torch.Generator().manual_seed(0))
-        path = Path(log_dir) / "samples" / f"epoch_{self.current_epoch:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images, path, nrow=max(1, int(math.sqrt(self.n_samples))))
+        self.save_sample_grid(self.sample(self.n_samples, generator=torch.Generator().manual_seed(0)))

@@ -6,8 +6,6 @@ saved every few epochs. ``export()`` is the generator, which ``defenses.defense_
 from __future__ import annotations
 
 import copy
-import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,19 +30,6 @@ def gradient_penalty(
         scores = critic(x_hat)
         (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
-
-
-def save_sample_grid(images: torch.Tensor, trainer: Any, epoch: int) -> Path | None:
-    """Write ``images`` (in [0, 1]) to ``<trainer.log_dir>/samples/epoch_XXXX.png``; rank zero only."""
-    log_dir = trainer.log_dir  # collective (broadcast) call: every rank makes it
-    if not log_dir or not trainer.is_global_zero:
-        return None
-    from torchvision.utils import save_image
-
-    path = Path(log_dir) / "samples" / f"epoch_{epoch:04d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=max(1, int(math.sqrt(len(images)))))
-    return path
 
 
 class WGANModule(LitBase):
@@ -192,4 +177,4 @@ class WGANModule(LitBase):
         if not every or (self.current_epoch + 1) % every or self._trainer is None:
             return
         images = self.sample(self.n_samples, generator=torch.Generator().manual_seed(0))
-        save_sample_grid(images, self.trainer, self.current_epoch)
+        self.save_sample_grid(images)
