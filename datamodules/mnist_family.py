@@ -9,7 +9,6 @@ import gzip
 import shutil
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torchvision import datasets
 

@@ -11,7 +11,6 @@ with the identity backward (``Purifier.bpda_approximation``) plus EOT.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -19,7 +19,6 @@ from defenses.base import Defended
 from defenses.gaussian_noise import GaussianNoise
 from evaluation.loop import evaluate
 from evaluation.results import device_name
-from evaluation.threats import WhiteBoxAdaptive
 from models.victims import build_victim
 from models.victims.mnist import ClassifierA
 
