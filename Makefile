@@ -37,11 +37,14 @@ test-all: install
 # white-box and by transfer from B (FGSM / PGD / DeepFool); train a small DDPM (reused when its checkpoint
 # exists) and show DiffDefense under PGD (paper's oblivious protocol + a small adaptive BPDA+EOT run);
 # print the table, save image grids.
+# The demo keeps its small models in their own folder, so it never overwrites full-scale weights under
+# checkpoints/<dataset>/; rerunning it reuses them (Lightning resumes at max_epochs, the DDPM is kept).
 DEMO_DIR := multirun/demo
+DEMO_CKPT := $(CURDIR)/checkpoints/demo
 DEMO_TRAIN := dataset.datamodule.train_subset=20000 logger=csv trainer.enable_progress_bar=false
-DENOISER := checkpoints/fashion_mnist/denoiser-diffdefense_unet.pt
+DENOISER := $(DEMO_CKPT)/fashion_mnist/denoiser-diffdefense_unet.pt
 demo: install
-	@start=$$(date +%s); \
+	@start=$$(date +%s); export PURIFY_CHECKPOINT_DIR=$(DEMO_CKPT); \
 	$(PY) train.py victim=classifier_a trainer.max_epochs=1 $(DEMO_TRAIN) && \
 	$(PY) train.py victim=classifier_b trainer.max_epochs=1 $(DEMO_TRAIN) && \
 	{ test -f $(DENOISER) || $(PY) train.py model=denoiser trainer.max_epochs=2 test_after_training=false $(DEMO_TRAIN); } && \

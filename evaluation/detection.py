@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from attacks.base import Attack
 from defenses.base import Defended
-from evaluation.loop import as_batches, batch_seed, constraint_violations
+from evaluation.adv_cache import AdvCache, craft
+from evaluation.loop import ATTACK_SEED_OFFSET, as_batches, batch_seed, constraint_violations
 from evaluation.results import append_jsonl, read_jsonl, write_json_atomic
 from evaluation.threats import ThreatModel
 
@@ -79,6 +80,7 @@ def run_detection(
     progress: bool = False,
     out_dir: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    adv_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score clean and attacked test images by reconstruction error; ROC/AUC of that detector.
 
@@ -89,6 +91,8 @@ def run_detection(
         cache_file: JSON-lines file of finished batches (resume); ``None`` = no cache.
         out_dir: where ``detection.json`` and ``roc.png`` are written (``None`` = nothing written).
         extra: fields merged into the result (run labels, config …).
+        adv_cache_dir: adversarial batches shared with other runs (``evaluation.adv_cache``); used only
+            when ``threat.defense_independent``.
 
     Returns:
         ``{"auc", "auc_successful", "n_clean", "n_adv", "n_successful", "fpr", "tpr", "scores_clean",
@@ -104,6 +108,7 @@ def run_detection(
     if isinstance(attacked, torch.nn.Module):
         attacked = attacked.to(device)
     done = {int(r["index"]): r for r in read_jsonl(cache_file)} if cache_file else {}
+    adv_cache = AdvCache(adv_cache_dir) if adv_cache_dir and threat.defense_independent else None
 
     records: list[dict[str, Any]] = []
     for index, (x, y) in enumerate(as_batches(datamodule)):
@@ -115,8 +120,8 @@ def run_detection(
         start = time.perf_counter()
         x, y = x.to(device), y.to(device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(batch_seed(seed, index))
-            x_adv = attack(attacked, x, y)
+            torch.manual_seed(batch_seed(seed, index) + ATTACK_SEED_OFFSET)  # as evaluation.loop: shared examples
+            x_adv = craft(attack, attacked, x, y, index, adv_cache)
             with torch.no_grad():
                 fooled = defended.victim(x_adv).argmax(-1) != y
                 torch.manual_seed(batch_seed(seed, index) + 1)

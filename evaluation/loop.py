@@ -5,7 +5,11 @@ Soundness rules built in here (so no experiment can forget them):
   the mean accuracy and the worst case (correct on *all* draws); one forward pass overstates them;
 - every adversarial example is checked to be finite, in [0, 1] and inside the ε-ball;
 - each batch runs under its own seed derived from (seed, batch index), and its record is appended
-  to a JSON-lines cache, so an interrupted evaluation resumed later gives the same numbers.
+  to a JSON-lines cache, so an interrupted evaluation resumed later gives the same numbers;
+- the clean predictions of a batch do not depend on the attack or the threat model, so they can be kept
+  in a second cache shared by every attack of one (dataset, victim, defense, seed) — for a slow purifier
+  (DiffDefense: T*·L U-Net passes per restart) this halves the cost of every table row after the first.
+  The attack and the scoring reseed on their own, so a cached clean pass changes no number.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from attacks.base import Attack
+from evaluation.adv_cache import AdvCache, craft
 from defenses.base import Defended, Identity
 from evaluation.results import append_jsonl, read_jsonl
 from evaluation.threats import ThreatModel, WhiteBoxAdaptive
@@ -80,6 +85,11 @@ def predict_draws(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor
     return logits.argmax(-1).view(draws, x.shape[0])
 
 
+#: The attack of batch i runs under batch_seed(seed, i) + this, in the metric loop and in detection alike,
+#: so both craft the same examples and may share them (``evaluation.adv_cache``).
+ATTACK_SEED_OFFSET = 2
+
+
 def batch_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index) * 7919) % (2**63 - 1)
 
@@ -93,12 +103,22 @@ def evaluate_batch(
     index: int,
     n_draws: int,
     seed: int = 0,
-) -> tuple[BatchRecord, torch.Tensor]:
+    clean: torch.Tensor | None = None,
+    adv_cache: AdvCache | None = None,
+) -> tuple[BatchRecord, torch.Tensor, torch.Tensor]:
+    """Attack and score one batch. ``clean``: this batch's cached clean correctness (draws, N), if any;
+    ``adv_cache``: where this batch's adversarial examples may already be (defense-independent threats).
+
+    Returns the record, the adversarial batch and the clean correctness (for the clean cache).
+    """
     start = time.perf_counter()
     draws = n_draws if defended.stochastic else 1
-    torch.manual_seed(batch_seed(seed, index))
-    clean = predict_draws(defended, x, draws) == y
-    x_adv = x if attack is None else attack(attacked, x, y)
+    if clean is None:
+        torch.manual_seed(batch_seed(seed, index))
+        clean = predict_draws(defended, x, draws) == y
+    # The attack's random starts must not depend on whether the clean pass ran or came from the cache.
+    torch.manual_seed(batch_seed(seed, index) + ATTACK_SEED_OFFSET)
+    x_adv = x if attack is None else craft(attack, attacked, x, y, index, adv_cache)
     bad = constraint_violations(x, x_adv, attack)
     # Reseed: APGD/FAB/Square reset the global generator to a fixed seed on every call, which would
     # otherwise give every batch the same purification draws when scoring.
@@ -119,7 +139,7 @@ def evaluate_batch(
         max_perturbation=float(perturbation_norm(x_adv - x, attack.norm if attack else "Linf").max()),
         seconds=time.perf_counter() - start,
     )
-    return record, x_adv
+    return record, x_adv, clean
 
 
 def summarise(records: list[BatchRecord]) -> dict[str, Any]:
@@ -154,6 +174,8 @@ def evaluate(
     max_batches: int | None = None,
     progress: bool = True,
     grid_path: str | Path | None = None,
+    clean_cache_file: str | Path | None = None,
+    adv_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``defended`` under ``attack`` — callable from a notebook.
 
@@ -167,6 +189,10 @@ def evaluate(
             rerun after an interruption resumes (and gives identical numbers).
         max_batches: stop after this many batches (quick looks; the cache keeps them).
         grid_path: save a PNG of clean / adversarial / purified images of the first batch.
+        clean_cache_file: JSON-lines file of per-batch clean correctness (draws × N), shared by runs
+            that differ only in attack / threat model (the caller keys it so); ``None`` = no sharing.
+        adv_cache_dir: folder of adversarial batches shared by runs that differ only in the defense
+            (the caller keys it so); used only when ``threat.defense_independent``.
 
     Returns:
         A dict of metrics (percentages) — see ``summarise``.
@@ -180,6 +206,9 @@ def evaluate(
     if isinstance(attacked, nn.Module):
         attacked = attacked.to(device)
     done = {r["index"]: BatchRecord(**{f.name: r[f.name] for f in fields(BatchRecord)}) for r in read_jsonl(cache_file)} if cache_file else {}
+    adv_cache = AdvCache(adv_cache_dir) if adv_cache_dir and attack is not None and threat.defense_independent else None
+    draws = n_draws if defended.stochastic else 1
+    clean_done = {r["index"]: r["correct"] for r in read_jsonl(clean_cache_file) if r.get("draws") == draws} if clean_cache_file else {}
 
     batches = as_batches(data)
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -197,10 +226,18 @@ def evaluate(
                 records.append(done[index])
             else:
                 x, y = x.to(device), y.to(device)
+                cached = clean_done.get(index)
+                if cached is not None and len(cached[0]) != x.shape[0]:
+                    cached = None  # a different batch layout: recompute
+                clean_in = None if cached is None else torch.tensor(cached, dtype=torch.bool, device=device)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    record, x_adv = evaluate_batch(defended, attacked, attack, x, y, index, n_draws, seed)
+                    record, x_adv, clean = evaluate_batch(
+                        defended, attacked, attack, x, y, index, n_draws, seed, clean_in, adv_cache
+                    )
                     if grid_path is not None and index == 0:
                         save_grid(defended, x, x_adv, grid_path)
+                if clean_cache_file and cached is None:
+                    append_jsonl(clean_cache_file, {"index": index, "draws": draws, "correct": clean.cpu().tolist()})
                 records.append(record)
                 if cache_file:
                     append_jsonl(cache_file, asdict(record))

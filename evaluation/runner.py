@@ -32,12 +32,14 @@ def build_defended(cfg: DictConfig) -> Defended:
     return Defended(purifier, victim, input_shape=tuple(cfg.dataset.image_shape))
 
 
-def cache_key(cfg: DictConfig) -> str:
+def cache_key(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
     """Hash of everything that determines the numbers, including every weights file the config loads
-    (victim, surrogate, denoiser, GAN …), so retraining any of them invalidates the cached batches."""
+    (victim, surrogate, denoiser, GAN …), so retraining any of them invalidates the cached batches.
+    ``ignore``: further top-level keys left out (``("attack", "threat")`` keys the clean-prediction cache)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY}
-    plain["eval"] = {k: v for k, v in plain["eval"].items() if k in ("n_draws",)}
+    plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY + tuple(ignore)}
+    if "eval" in plain:
+        plain["eval"] = {k: v for k, v in plain["eval"].items() if k in ("n_draws",)}
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
     for path in sorted(set(_weights_files(plain))):
         digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
@@ -90,6 +92,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     threat = instantiate(cfg.threat.model)
     if cfg.audit:
         return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
+    # Adversarial batches of defense-independent threats (oblivious, transfer), shared across defenses.
+    adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'))}" if cfg.eval.resume else None
     if cfg.get("detection"):
         from evaluation.detection import run_detection
 
@@ -98,10 +102,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         return run_detection(
             defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
             cache_file=Path(cfg.eval.cache_dir) / key if cfg.eval.resume else None, progress=cfg.eval.progress,
-            out_dir=out_dir, extra=extra,
+            out_dir=out_dir, extra=extra, adv_cache_dir=adv_cache_dir,
         )
 
     cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg)}.jsonl" if cfg.eval.resume else None
+    clean_key = cache_key(cfg, ignore=("attack", "threat"))
+    clean_cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{clean_key}-clean.jsonl" if cfg.eval.resume else None
     metrics = evaluate(
         defended,
         datamodule,
@@ -114,6 +120,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         max_batches=cfg.eval.max_batches,
         progress=cfg.eval.progress,
         grid_path=out_dir / "grid.png" if cfg.eval.grid else None,
+        clean_cache_file=clean_cache_file,
+        adv_cache_dir=adv_cache_dir,
     )
     result = {
         **run_metadata(cfg, device),

@@ -20,6 +20,9 @@ from defenses.base import Defended
 
 class ThreatModel(ABC):
     name: str = "threat"
+    #: True when the attacked model never involves the defense, so adversarial examples can be shared
+    #: between defenses (``evaluation.adv_cache``).
+    defense_independent: bool = False
 
     @abstractmethod
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
@@ -59,6 +62,7 @@ class Oblivious(ThreatModel):
     """Craft on the undefended victim; the purifier is applied only when scoring."""
 
     name = "oblivious"
+    defense_independent = True
 
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
         return defended.victim
@@ -68,6 +72,7 @@ class Transfer(ThreatModel):
     """Craft on a surrogate (e.g. classifier B), score the defended victim."""
 
     name = "transfer"
+    defense_independent = True
 
     def __init__(self, surrogate: nn.Module) -> None:
         self.surrogate = surrogate.eval()

@@ -81,6 +81,69 @@ def test_interrupted_evaluation_resumes_to_identical_numbers(trained_victim, bat
         assert resumed[key] == full[key], key
 
 
+class CountingNoise(GaussianNoise):
+    """Gaussian noise that counts the images it purifies."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__(sigma=sigma)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.shape[0]
+        return super().forward(x)
+
+
+def test_clean_cache_is_shared_across_attacks_and_changes_no_number(trained_victim, batches, tmp_path):
+    purifier = CountingNoise(0.2)
+    defended = Defended(purifier, trained_victim)
+    small = [(x[:16], y[:16]) for x, y in batches[:2]]
+    run = functools.partial(evaluate, defended, small, threat=Oblivious(), n_draws=3, seed=5, progress=False)
+    keys = ("clean_acc", "clean_acc_worst", "robust_acc", "robust_acc_worst", "attack_success_rate")
+    plain = run(pgd(steps=3))
+    first = run(pgd(steps=3), clean_cache_file=tmp_path / "clean.jsonl")
+    assert {k: first[k] for k in keys} == {k: plain[k] for k in keys}
+    # A second attack on the same (data, defense, seed) reuses the clean draws: only x_adv is purified.
+    purifier.images = 0
+    cached = run(pgd(0.1, steps=3), clean_cache_file=tmp_path / "clean.jsonl")
+    assert purifier.images == 3 * 32
+    fresh = run(pgd(0.1, steps=3))
+    assert {k: cached[k] for k in keys} == {k: fresh[k] for k in keys}
+    # Another draw count is another clean pass, never a misread of the cached one.
+    purifier.images = 0
+    run(pgd(0.1, steps=3), n_draws=2, clean_cache_file=tmp_path / "clean.jsonl")
+    assert purifier.images == 2 * 2 * 32
+
+
+def counting_pgd(calls: list, eps=0.2, steps=3):
+    def build(model):
+        calls.append(1)
+        return torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps)
+
+    return Attack("pgd", build, "Linf", eps)
+
+
+def test_adv_cache_shares_defense_independent_examples(trained_victim, batches, tmp_path):
+    small = [(x[:16], y[:16]) for x, y in batches[:2]]
+    keys = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate")
+    calls: list = []
+    run = functools.partial(evaluate, threat=Oblivious(), n_draws=2, seed=4, progress=False)
+    none = run(trained_victim, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")
+    assert len(calls) == 2 and len(list((tmp_path / "adv").glob("*.pt"))) == 2
+    noisy = Defended(GaussianNoise(0.2), trained_victim)
+    shared = run(noisy, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")
+    assert len(calls) == 2  # the oblivious examples were not crafted again for another defense
+    fresh = run(noisy, small, counting_pgd(calls))
+    assert {k: shared[k] for k in keys} == {k: fresh[k] for k in keys}
+    # A torn file is attacked again; an adaptive threat never reads the cache (its examples see the defense).
+    (tmp_path / "adv" / "0.pt").write_bytes(b"torn")
+    calls.clear()
+    run(noisy, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")
+    assert len(calls) == 1
+    calls.clear()
+    evaluate(noisy, small, counting_pgd(calls), WhiteBoxAdaptive(eot_samples=2), n_draws=2, progress=False, adv_cache_dir=tmp_path / "adv")
+    assert len(calls) == 2
+
+
 def test_same_seed_same_metrics(trained_victim, batches):
     defended = Defended(GaussianNoise(0.2), trained_victim)
     small = [(x[:16], y[:16]) for x, y in batches[:2]]
