@@ -81,6 +81,7 @@ def run_detection(
     out_dir: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     adv_cache_dir: str | Path | None = None,
+    clean_cache_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score clean and attacked test images by reconstruction error; ROC/AUC of that detector.
 
@@ -93,6 +94,8 @@ def run_detection(
         extra: fields merged into the result (run labels, config …).
         adv_cache_dir: adversarial batches shared with other runs (``evaluation.adv_cache``); used only
             when ``threat.defense_independent``.
+        clean_cache_file: JSON-lines file of per-batch clean scores, shared by runs that differ only in
+            attack / threat (the caller keys it so): the clean half of the detector is computed once.
 
     Returns:
         ``{"auc", "auc_successful", "n_clean", "n_adv", "n_successful", "fpr", "tpr", "scores_clean",
@@ -109,6 +112,7 @@ def run_detection(
         attacked = attacked.to(device)
     done = {int(r["index"]): r for r in read_jsonl(cache_file)} if cache_file else {}
     adv_cache = AdvCache(adv_cache_dir) if adv_cache_dir and threat.defense_independent else None
+    clean_done = {int(r["index"]): r["scores"] for r in read_jsonl(clean_cache_file)} if clean_cache_file else {}
 
     records: list[dict[str, Any]] = []
     for index, (x, y) in enumerate(as_batches(datamodule)):
@@ -124,8 +128,14 @@ def run_detection(
             x_adv = craft(attack, attacked, x, y, index, adv_cache)
             with torch.no_grad():
                 fooled = defended.victim(x_adv).argmax(-1) != y
-                torch.manual_seed(batch_seed(seed, index) + 1)
-                s_clean = reconstruction_scores(purifier, x)
+                cached = clean_done.get(index)
+                if cached is not None and len(cached) == x.shape[0]:
+                    s_clean = torch.tensor(cached)
+                else:
+                    torch.manual_seed(batch_seed(seed, index) + 1)
+                    s_clean = reconstruction_scores(purifier, x)
+                    if clean_cache_file:
+                        append_jsonl(clean_cache_file, {"index": index, "scores": s_clean.tolist()})
                 torch.manual_seed(batch_seed(seed, index) + 1)  # same latents and noise as the clean batch
                 s_adv = reconstruction_scores(purifier, x_adv)
         record = {

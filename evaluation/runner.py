@@ -99,10 +99,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
         extra = run_metadata(cfg, device)
         key = f"{cfg.dataset.name}-{cache_key(cfg)}-detection.jsonl"
+        clean_key = f"{cfg.dataset.name}-{cache_key(cfg, ignore=('attack', 'threat'))}-detection-clean.jsonl"
         return run_detection(
             defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
             cache_file=Path(cfg.eval.cache_dir) / key if cfg.eval.resume else None, progress=cfg.eval.progress,
             out_dir=out_dir, extra=extra, adv_cache_dir=adv_cache_dir,
+            clean_cache_file=Path(cfg.eval.cache_dir) / clean_key if cfg.eval.resume else None,
         )
 
     cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg)}.jsonl" if cfg.eval.resume else None

@@ -256,6 +256,18 @@ def test_run_detection_resumes_from_its_cache(tmp_path):
     assert defended.purifier.calls == 2 + 2  # batch 0 came from the cache
 
 
+def test_run_detection_shares_clean_scores_between_attacks(tmp_path):
+    purifier = StubReconstructor()
+    defended = Defended(purifier, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), (1, 28, 28))
+    clean = tmp_path / "clean.jsonl"
+    first = run_detection(defended, _batches(), _shift_attack(0.2), Oblivious(), clean_cache_file=clean)
+    assert purifier.calls == 4
+    second = run_detection(defended, _batches(), _shift_attack(0.5), Oblivious(), clean_cache_file=clean)
+    assert purifier.calls == 4 + 2  # only the attacked batches were reconstructed
+    assert second["scores_clean"] == pytest.approx(first["scores_clean"])
+    assert second["auc"] == pytest.approx(35.5 / 36)
+
+
 def test_run_detection_needs_a_reconstruct_method():
     defended = Defended(Identity(), nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), (1, 28, 28))
     with pytest.raises(ValueError, match="reconstruct"):
