@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 TORCH := torch==2.14.1 torchvision==0.29.1
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-all bench tables audit clean
+.PHONY: install demo test test-all bench tables clean diffdefense-cpu
 
 install: $(STAMP) $(FMNIST)
 
@@ -62,6 +62,60 @@ tables: install
 	$(PY) -m evaluation.tables $(RUN)
 
 # Speed figures (images/s of the evaluation loop, attacks per second); prints, never asserts.
+# CPU-scale reproduction of DiffDefense on Fashion-MNIST (issue 5; ~2 h on 2 cores once weights exist):
+# trains whatever weights are missing, sweeps T* on the validation split (the default T* in
+# conf/defense/diffdefense.yaml was chosen from that sweep), then the five experiments on 1000 fixed test
+# images, one draw per image. Defense-GAN rows of Table 3 use the first 64 of them (L·R up to 2000 generator
+# passes per image), the adaptive BPDA+EOT rows 200; EAD runs 3 × 100 iterations instead of 9 × 1000.
+# Tables: make tables RUN=$(CPU_RUN); figures: python -m evaluation.plots tstar|detection <dir>.
+CPU_RUN := multirun/diffdefense_cpu
+CPU_N := dataset=fashion_mnist dataset.eval_subset=1000 eval.n_draws=1 eval.progress=false
+CPU_EAD := attack=ead attack.builder.binary_search_steps=3 attack.builder.max_iterations=100
+CPU_ADAPTIVE := $(CPU_N) dataset.eval_subset=200 threat=white_box_adaptive threat.model.eot_samples=2 defense=none,diffdefense
+# The default T* of conf/defense/diffdefense.yaml (detection's own sweep would otherwise run 1, 5, 10, 15).
+CPU_TSTAR := 5
+CPU_CKPT := checkpoints/fashion_mnist
+CPU_TRAIN := logger=csv trainer.enable_progress_bar=false
+diffdefense-cpu: install
+	test -f $(CPU_CKPT)/classifier_a-standard.pt || $(PY) train.py trainer.max_epochs=4 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/classifier_b-standard.pt || $(PY) train.py victim=classifier_b trainer.max_epochs=2 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/classifier_a-fgsm_at.pt || $(PY) train.py training=fgsm_at trainer.max_epochs=2 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/denoiser-diffdefense_unet.pt || $(PY) train.py model=denoiser trainer.max_epochs=100 \
+	  +trainer.max_time=00:00:25:00 test_after_training=false $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/gan-defensegan_wgan.pt || $(PY) train.py model=gan trainer.max_epochs=100 \
+	  +trainer.max_time=00:00:08:00 test_after_training=false $(CPU_TRAIN)
+	$(PY) evaluate.py -m experiment=diffdefense_tstar dataset=fashion_mnist dataset.eval_split=val dataset.eval_subset=256 \
+	  eval.n_draws=1 eval.progress=false 'defense.purifier.t_star=1,2,3,5,8,15' hydra.sweep.dir=$(CPU_RUN)/tstar_val
+	$(PY) -m evaluation.plots tstar $(CPU_RUN)/tstar_val
+	@# defense=none first: its adversarial batches are cached and reused by the DiffDefense columns.
+	$(PY) evaluate.py -m experiment=diffdefense_table1 $(CPU_N) defense=none,diffdefense hydra.sweep.dir=$(CPU_RUN)/table1/main
+	$(PY) evaluate.py -m experiment=diffdefense_table1 $(CPU_ADAPTIVE) attack=fgsm hydra.sweep.dir=$(CPU_RUN)/table1/adaptive_fgsm
+	$(PY) evaluate.py -m experiment=diffdefense_table1 $(CPU_ADAPTIVE) attack=pgd attack.builder.steps=10 attack.builder.alpha=0.03 \
+	  hydra.sweep.dir=$(CPU_RUN)/table1/adaptive_pgd
+	$(PY) evaluate.py -m experiment=diffdefense_table2 $(CPU_N) victim_training=standard defense=none,diffdefense \
+	  attack=fgsm,pgd_restarts,deepfool,eot_pgd,square,autoattack_fast,autoattack hydra.sweep.dir=$(CPU_RUN)/table2/standard
+	$(PY) evaluate.py -m experiment=diffdefense_table2 $(CPU_N) victim_training=standard defense=none,diffdefense $(CPU_EAD) \
+	  hydra.sweep.dir=$(CPU_RUN)/table2/standard_ead
+	$(PY) evaluate.py -m experiment=diffdefense_table2 $(CPU_N) victim_training=fgsm_at defense=none \
+	  attack=fgsm,pgd_restarts,deepfool,eot_pgd,square,autoattack_fast,autoattack hydra.sweep.dir=$(CPU_RUN)/table2/fgsm_at
+	$(PY) evaluate.py -m experiment=diffdefense_table2 $(CPU_N) victim_training=fgsm_at defense=none $(CPU_EAD) \
+	  hydra.sweep.dir=$(CPU_RUN)/table2/fgsm_at_ead
+	$(PY) evaluate.py -m experiment=diffdefense_table3 $(CPU_N) defense=table3/diffdefense_l5r1,table3/diffdefense_l5r5 \
+	  hydra.sweep.dir=$(CPU_RUN)/table3/diffdefense
+	$(PY) evaluate.py -m experiment=diffdefense_table3 $(CPU_N) dataset.eval_subset=64 \
+	  defense=table3/defense_gan_l25r10,table3/defense_gan_l100r1,table3/defense_gan_l100r10,table3/defense_gan_l200r10 \
+	  hydra.sweep.dir=$(CPU_RUN)/table3/defense_gan
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool,fgsm,pgd_restarts,eot_pgd,autoattack_fast,square \
+	  defense.purifier.t_star=$(CPU_TSTAR) hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=$(CPU_TSTAR) \
+	  hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar_ead
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool defense.purifier.t_star=1,10 \
+	  hydra.sweep.dir=$(CPU_RUN)/detection/deepfool_tstar
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=1,10 \
+	  hydra.sweep.dir=$(CPU_RUN)/detection/ead_tstar
+	$(PY) -m evaluation.plots detection $(CPU_RUN)/detection
+	$(PY) -m evaluation.tables $(CPU_RUN)
+
 bench: install
 	$(PY) -m evaluation.bench
 

@@ -62,6 +62,18 @@ def tstar_curves(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[st
     return {k: dict(v) for k, v in curves.items()}
 
 
+#: Percentage points of mean accuracy a cheaper T* may give up (docs/decisions.md).
+CHOICE_TOLERANCE = 1.0
+
+
+def choose_t_star(mean_acc: dict[int, float], tolerance: float = CHOICE_TOLERANCE) -> int:
+    """The smallest T* whose mean accuracy is within ``tolerance`` points of the best one."""
+    if not mean_acc:
+        raise ValueError("no T* to choose from")
+    best = max(mean_acc.values())
+    return min(t for t, acc in mean_acc.items() if acc >= best - tolerance)
+
+
 def tstar_markdown(curves: dict[tuple[str, str], dict[str, dict[int, float]]]) -> str:
     """Accuracy per (attack, T*) with the best T* per attack and for the mean over attacks."""
     parts = []
@@ -77,6 +89,8 @@ def tstar_markdown(curves: dict[tuple[str, str], dict[str, dict[int, float]]]) -
             mean = {t: sum(c[t] for c in by_attack.values()) / len(by_attack) for t in complete}
             best = max(mean, key=lambda t: (mean[t], -t))
             parts.append("| mean | " + " | ".join(_fmt(mean.get(t)) for t in ts) + f" | {best} |")
+            parts += ["", f"Chosen T* = **{choose_t_star(mean)}**: the smallest T* whose mean is within "
+                      f"{CHOICE_TOLERANCE:g} point of the best (cost grows linearly in T*; docs/decisions.md)."]
         parts.append("")
     return "\n".join(parts)
 

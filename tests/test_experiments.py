@@ -330,7 +330,17 @@ def test_tstar_plot_from_fake_multirun(tmp_path):
     assert (tmp_path / "tstar.png").read_bytes()[:4] == b"\x89PNG"
     md = (tmp_path / "tstar.md").read_text()
     assert "fashion_mnist (val split)" in md and "| fgsm | 58.00 | 70.00 | 85.00 | 10 |" in md and "| mean |" in md
+    assert "Chosen T* = **10**" in md  # 10 beats 5 by 15 points: cost does not win
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_choose_t_star_prefers_the_cheaper_of_near_ties():
+    from evaluation.plots import choose_t_star
+
+    assert choose_t_star({1: 40.0, 5: 79.5, 15: 80.2}) == 5
+    assert choose_t_star({1: 40.0, 5: 78.0, 15: 80.2}) == 15
+    with pytest.raises(ValueError):
+        choose_t_star({})
 
 
 def test_detection_plot_from_fake_multirun(tmp_path):
