@@ -66,7 +66,8 @@ tables: install
 # trains whatever weights are missing, sweeps T* on the validation split (the default T* in
 # conf/defense/diffdefense.yaml was chosen from that sweep), then the five experiments on 1000 fixed test
 # images, one draw per image. Defense-GAN rows of Table 3 use the first 64 of them (L·R up to 2000 generator
-# passes per image), the adaptive BPDA+EOT rows 200; EAD runs 3 × 100 iterations instead of 9 × 1000.
+# passes per image), the adaptive BPDA+EOT rows 200; EAD runs 3 × 100 iterations instead of 9 × 1000; detection ROCs at
+# T* = 1 and the default; the audit on 16 images with 5 steps and EOT 2.
 # Tables: make tables RUN=$(CPU_RUN); figures: python -m evaluation.plots tstar|detection <dir>.
 CPU_RUN := multirun/diffdefense_cpu
 CPU_N := dataset=fashion_mnist dataset.eval_subset=1000 eval.n_draws=1 eval.progress=false
@@ -109,10 +110,13 @@ diffdefense-cpu: install
 	  defense.purifier.t_star=$(CPU_TSTAR) hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar
 	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=$(CPU_TSTAR) \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar_ead
-	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool defense.purifier.t_star=1,10 \
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool defense.purifier.t_star=1 \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/deepfool_tstar
-	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=1,10 \
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=1 \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/ead_tstar
+	$(PY) evaluate.py audit=true defense=diffdefense dataset=fashion_mnist dataset.eval_subset=16 audit_settings.n_images=16 \
+	  audit_settings.steps=5 audit_settings.eot_samples=2 audit_settings.square_queries=50 eval.n_draws=2 \
+	  eval.progress=false hydra.run.dir=$(CPU_RUN)/audit
 	$(PY) -m evaluation.plots detection $(CPU_RUN)/detection
 	$(PY) -m evaluation.tables $(CPU_RUN)
 

@@ -122,8 +122,11 @@ def evaluate_batch(
     bad = constraint_violations(x, x_adv, attack)
     # Reseed: APGD/FAB/Square reset the global generator to a fixed seed on every call, which would
     # otherwise give every batch the same purification draws when scoring.
-    torch.manual_seed(batch_seed(seed, index) + 1)
-    robust = predict_draws(defended, x_adv, draws) == y
+    if torch.equal(x_adv, x):
+        robust = clean  # nothing changed (attack "none"): the same input is not purified twice
+    else:
+        torch.manual_seed(batch_seed(seed, index) + 1)
+        robust = predict_draws(defended, x_adv, draws) == y
     clean_majority = clean.float().mean(0) > 0.5
     robust_majority = robust.float().mean(0) > 0.5
     record = BatchRecord(

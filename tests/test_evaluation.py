@@ -114,6 +114,16 @@ def test_clean_cache_is_shared_across_attacks_and_changes_no_number(trained_vict
     assert purifier.images == 2 * 2 * 32
 
 
+def test_no_attack_scores_the_clean_draws_once(trained_victim, batches):
+    from attacks.noise import NoAttack
+
+    purifier = CountingNoise(0.3)
+    small = [(x[:16], y[:16]) for x, y in batches[:2]]
+    out = evaluate(Defended(purifier, trained_victim), small, Attack("none", NoAttack, "none", None, kind="noise"), n_draws=3, progress=False)
+    assert purifier.images == 3 * 32  # clean draws only: the unchanged input is not purified again
+    assert out["robust_acc"] == out["clean_acc"] and out["attack_success_rate"] == 0
+
+
 def counting_pgd(calls: list, eps=0.2, steps=3):
     def build(model):
         calls.append(1)
