@@ -66,12 +66,13 @@ tables: install
 # trains whatever weights are missing, sweeps T* on the validation split (the default T* in
 # conf/defense/diffdefense.yaml was chosen from that sweep), then the five experiments on 1000 fixed test
 # images, one draw per image. Defense-GAN rows of Table 3 use the first 64 of them (L·R up to 2000 generator
-# passes per image), the adaptive BPDA+EOT rows 200; EAD runs 3 × 100 iterations instead of 9 × 1000; detection ROCs at
+# passes per image), the adaptive BPDA+EOT rows 200; EAD runs 5 × 100 iterations from c = 0.01 instead of
+# 9 × 1000 from c = 0.001; detection ROCs at
 # T* = 1 (tuned), 5 and 15; the audit on 16 images with 5 steps and EOT 2.
 # Tables: make tables RUN=$(CPU_RUN); figures: python -m evaluation.plots tstar|detection <dir>.
 CPU_RUN := multirun/diffdefense_cpu
 CPU_N := dataset=fashion_mnist dataset.eval_subset=1000 eval.n_draws=1 eval.progress=false
-CPU_EAD := attack=ead attack.builder.binary_search_steps=3 attack.builder.max_iterations=100
+CPU_EAD := attack=ead attack.builder.binary_search_steps=5 attack.builder.max_iterations=100 attack.builder.initial_const=0.01
 CPU_ADAPTIVE := $(CPU_N) dataset.eval_subset=200 threat=white_box_adaptive threat.model.eot_samples=2 defense=none,diffdefense
 # Fashion-MNIST's validation-tuned T* (conf/dataset/fashion_mnist.yaml: tuned.diffdefense_t_star), for detection,
 # whose own sweep would otherwise run 1, 5, 10, 15; the ROCs add T* = 5 and 15.
