@@ -68,14 +68,14 @@ tables: install
 # images, one draw per image. Defense-GAN rows of Table 3 use the first 64 of them (L·R up to 2000 generator
 # passes per image), the adaptive BPDA+EOT rows 200; EAD runs 5 × 100 iterations from c = 0.01 instead of
 # 9 × 1000 from c = 0.001; detection ROCs at
-# T* = 1 (tuned), 5 and 15; the audit on 16 images with 5 steps and EOT 2.
+# T* = 1 (tuned) and 5; Fig. 3 on the test split on 128 images; the audit on 16 images with 5 steps and EOT 2.
 # Tables: make tables RUN=$(CPU_RUN); figures: python -m evaluation.plots tstar|detection <dir>.
-CPU_RUN := multirun/diffdefense_cpu
+CPU_RUN := multirun/cpu
 CPU_N := dataset=fashion_mnist dataset.eval_subset=1000 eval.n_draws=1 eval.progress=false
 CPU_EAD := attack=ead attack.builder.binary_search_steps=5 attack.builder.max_iterations=100 attack.builder.initial_const=0.01
 CPU_ADAPTIVE := $(CPU_N) dataset.eval_subset=200 threat=white_box_adaptive threat.model.eot_samples=2 defense=none,diffdefense
 # Fashion-MNIST's validation-tuned T* (conf/dataset/fashion_mnist.yaml: tuned.diffdefense_t_star), for detection,
-# whose own sweep would otherwise run 1, 5, 10, 15; the ROCs add T* = 5 and 15.
+# whose own sweep would otherwise run 1, 5, 10, 15; the DeepFool and EAD ROCs add T* = 5.
 CPU_TSTAR := 1
 CPU_CKPT := checkpoints/fashion_mnist
 CPU_TRAIN := logger=csv trainer.enable_progress_bar=false
@@ -112,14 +112,17 @@ diffdefense-cpu: install
 	  defense.purifier.t_star=$(CPU_TSTAR) hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar
 	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=$(CPU_TSTAR) \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/default_tstar_ead
-	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool defense.purifier.t_star=5,15 \
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) attack=deepfool defense.purifier.t_star=5 \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/deepfool_tstar
-	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=5,15 \
+	$(PY) evaluate.py -m experiment=diffdefense_detection $(CPU_N) $(CPU_EAD) defense.purifier.t_star=5 \
 	  hydra.sweep.dir=$(CPU_RUN)/detection/ead_tstar
 	$(PY) evaluate.py audit=true defense=diffdefense dataset=fashion_mnist dataset.eval_subset=16 audit_settings.n_images=16 \
 	  audit_settings.steps=5 audit_settings.eot_samples=2 audit_settings.square_queries=50 eval.n_draws=2 \
 	  eval.progress=false hydra.run.dir=$(CPU_RUN)/audit
 	$(PY) -m evaluation.plots detection $(CPU_RUN)/detection
+	$(PY) evaluate.py -m experiment=diffdefense_tstar dataset=fashion_mnist dataset.eval_subset=128 eval.n_draws=1 \
+	  eval.progress=false 'defense.purifier.t_star=1,2,3,5,8,15' hydra.sweep.dir=$(CPU_RUN)/tstar_test
+	$(PY) -m evaluation.plots tstar $(CPU_RUN)/tstar_test
 	$(PY) -m evaluation.tables $(CPU_RUN)
 
 bench: install
