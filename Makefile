@@ -69,7 +69,7 @@ tables: install
 # passes per image), the adaptive BPDA+EOT rows 200; EAD runs 5 × 100 iterations from c = 0.01 instead of
 # 9 × 1000 from c = 0.001; detection ROCs at
 # T* = 1 (tuned) and 5; Fig. 3 on the test split on 128 images; the audit on 16 images with 5 steps and EOT 2.
-# Tables: make tables RUN=$(CPU_RUN); figures: python -m evaluation.plots tstar|detection <dir>.
+# Everything ends in one report: $(CPU_RUN)/report.md (python -m evaluation.report $(CPU_RUN)).
 CPU_RUN := multirun/cpu
 CPU_N := dataset=fashion_mnist dataset.eval_subset=1000 eval.n_draws=1 eval.progress=false
 CPU_EAD := attack=ead attack.builder.binary_search_steps=5 attack.builder.max_iterations=100 attack.builder.initial_const=0.01
@@ -123,7 +123,7 @@ diffdefense-cpu: install
 	$(PY) evaluate.py -m experiment=diffdefense_tstar dataset=fashion_mnist dataset.eval_subset=128 eval.n_draws=1 \
 	  eval.progress=false 'defense.purifier.t_star=1,2,3,5,8,15' hydra.sweep.dir=$(CPU_RUN)/tstar_test
 	$(PY) -m evaluation.plots tstar $(CPU_RUN)/tstar_test
-	$(PY) -m evaluation.tables $(CPU_RUN)
+	$(PY) -m evaluation.report $(CPU_RUN)
 
 bench: install
 	$(PY) -m evaluation.bench

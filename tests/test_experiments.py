@@ -343,6 +343,27 @@ def test_choose_t_star_prefers_the_cheaper_of_near_ties():
         choose_t_star({})
 
 
+def test_report_collects_every_experiment_folder(tmp_path):
+    from evaluation.report import main
+
+    for i, t in enumerate([1, 5, 10]):
+        _write(tmp_path / "tstar" / str(i) / "results.json", {
+            "dataset": "fashion_mnist", "attack": "fgsm", "defense": "diffdefense", "robust_acc": 10.0 + t,
+            "config": {"defense": {"purifier": {"t_star": t}}, "dataset": {"eval_split": "val"}},
+        })  # fmt: skip
+    _write(tmp_path / "detection" / "0" / "detection.json", {
+        "dataset": "mnist", "attack": "deepfool", "t_star": 5, "auc": 0.9, "fpr": [0.0, 1.0], "tpr": [0.0, 1.0], "n_clean": 4,
+    })  # fmt: skip
+    _write(tmp_path / "audit" / "audit.json", {"passed": True, "checks": [{"name": "eps", "passed": True, "detail": "ok", "values": {}}], "autoattack_warnings": []})
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path), "--out", str(tmp_path / "copy.md")]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert md == (tmp_path / "copy.md").read_text()
+    assert "# tstar" in md and "Chosen T* = **10**" in md and "| mnist | deepfool | 0.900 |" in md
+    assert "Gradient-masking audit: PASS" in md and "# empty" not in md
+    assert main([str(tmp_path / "empty")]) == 2
+
+
 def test_detection_plot_from_fake_multirun(tmp_path):
     from evaluation.plots import main
 

@@ -1,0 +1,70 @@
+"""One Markdown report for a reproduction folder (``python -m evaluation.report multirun/cpu``).
+
+Each sub-folder of the reproduction is one experiment; its section is built from the result files only
+(never re-running anything): a T* sweep (``results.json`` over ≥ 3 values of T*) → the Fig. 3 table and
+``tstar.png``; detection runs (``detection.json``) → the Fig. 4 AUC table and ``detection.png``; an audit
+(``audit.json``) → the audit report; any other ``results.json`` → the grid of robust accuracies with the
+paper's numbers and the table of every metric (``evaluation.tables``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evaluation.audit import format_report
+from evaluation.plots import detection_markdown, load_detections, plot_detection, plot_tstar, tstar_curves
+from evaluation.results import write_text_atomic
+from evaluation.tables import load_results, render
+
+MIN_TSTAR_VALUES = 3
+
+
+def section(folder: Path) -> str | None:
+    """The Markdown of one experiment folder, or ``None`` when it holds no result file."""
+    title = f"# {folder.name}\n\n"
+    audits = sorted(folder.rglob("audit.json"))
+    if audits:
+        return title + "\n".join("```\n" + format_report(json.loads(a.read_text())) + "\n```\n" for a in audits)
+    if load_detections(folder):
+        png = plot_detection(folder)
+        return title + png.with_suffix(".md").read_text() + f"\nROC curves: `{png}`\n"
+    results = load_results(folder)
+    if not results:
+        return None
+    curves = tstar_curves(results)
+    if curves and max(len(c) for by_attack in curves.values() for c in by_attack.values()) >= MIN_TSTAR_VALUES:
+        png = plot_tstar(folder)
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
+    return title + render(folder)
+
+
+def build_report(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a folder: pass a reproduction folder such as multirun/cpu")
+    parts = [s for child in sorted(p for p in run_dir.iterdir() if p.is_dir()) if (s := section(child))]
+    if not parts:
+        raise FileNotFoundError(f"no result files under {run_dir}: run the experiments first")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="reproduction folder whose sub-folders are experiments (e.g. multirun/cpu)")
+    parser.add_argument("--out", help="write the report here too (default: <run_dir>/report.md)")
+    args = parser.parse_args(argv)
+    try:
+        text = build_report(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for out in {Path(args.run_dir) / "report.md", *( [Path(args.out)] if args.out else [])}:
+        write_text_atomic(out, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
