@@ -89,8 +89,11 @@ def tstar_markdown(curves: dict[tuple[str, str], dict[str, dict[int, float]]]) -
             mean = {t: sum(c[t] for c in by_attack.values()) / len(by_attack) for t in complete}
             best = max(mean, key=lambda t: (mean[t], -t))
             parts.append("| mean | " + " | ".join(_fmt(mean.get(t)) for t in ts) + f" | {best} |")
-            parts += ["", f"Chosen T* = **{choose_t_star(mean)}**: the smallest T* whose mean is within "
-                      f"{CHOICE_TOLERANCE:g} point of the best (cost grows linearly in T*; docs/decisions.md)."]
+            if split == "val":
+                parts += ["", f"Chosen T* = **{choose_t_star(mean)}**: the smallest T* whose mean is within "
+                          f"{CHOICE_TOLERANCE:g} point of the best (cost grows linearly in T*; docs/decisions.md)."]
+            else:
+                parts += ["", f"{split} split: reported, never used to choose T* (that is done on the val split)."]
         parts.append("")
     return "\n".join(parts)
 

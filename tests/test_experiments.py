@@ -331,6 +331,10 @@ def test_tstar_plot_from_fake_multirun(tmp_path):
     md = (tmp_path / "tstar.md").read_text()
     assert "fashion_mnist (val split)" in md and "| fgsm | 58.00 | 70.00 | 85.00 | 10 |" in md and "| mean |" in md
     assert "Chosen T* = **10**" in md  # 10 beats 5 by 15 points: cost does not win
+    for f in tmp_path.glob("*/results.json"):  # the same curve on the test split chooses nothing
+        f.write_text(f.read_text().replace('"val"', '"test"'))
+    assert main(["tstar", str(tmp_path)]) == 0
+    assert "Chosen" not in (tmp_path / "tstar.md").read_text() and "never used to choose" in (tmp_path / "tstar.md").read_text()
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
