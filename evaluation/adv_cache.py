@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 
 class AdvCache:
@@ -51,7 +53,14 @@ class AdvCache:
                 os.unlink(tmp)
 
 
-def craft(attack, attacked, x: torch.Tensor, y: torch.Tensor, index: int, cache: AdvCache | None) -> torch.Tensor:
+def craft(
+    attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    attacked: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: int,
+    cache: AdvCache | None,
+) -> torch.Tensor:
     """``attack(attacked, x, y)``, from ``cache`` when it holds this batch (and into it when not)."""
     if cache is not None:
         cached = cache.get(index, x)

@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from attacks.base import Attack
-from evaluation.adv_cache import AdvCache, craft
 from defenses.base import Defended, Identity
+from evaluation.adv_cache import AdvCache, craft
 from evaluation.results import append_jsonl, read_jsonl
 from evaluation.threats import ThreatModel, WhiteBoxAdaptive
 
