@@ -22,9 +22,10 @@ def main(cfg: DictConfig) -> float | None:
     result = run_evaluation(cfg)
     if cfg.audit or cfg.get("detection"):
         return None
+    clean = "not scored" if result["clean_acc"] is None else f"{result['clean_acc']:.2f}%"
     print(
         f"{result['dataset']} | {result['victim']} | {result['defense']} | {result['attack']} ({result['threat']}): "
-        f"clean {result['clean_acc']:.2f}%  robust {result['robust_acc']:.2f}% "
+        f"clean {clean}  robust {result['robust_acc']:.2f}% "
         f"(worst-of-{result['n_draws']} {result['robust_acc_worst']:.2f}%)  n={result['n_images']}  "
         f"{result['images_per_s']:.1f} img/s"
     )

@@ -39,12 +39,12 @@ class BatchRecord:
 
     index: int
     n: int
-    clean_correct: float  # sum over images of the fraction of draws classified correctly
-    clean_correct_worst: int  # images correct on every draw
+    clean_correct: float | None  # sum over images of the fraction of draws classified correctly (None: not scored)
+    clean_correct_worst: int | None  # images correct on every draw
     robust_correct: float
     robust_correct_worst: int
-    clean_correct_majority: int  # images whose majority vote is right (denominator of the success rate)
-    attack_success: int  # of those, images whose adversarial majority vote is wrong
+    clean_correct_majority: int | None  # images whose majority vote is right (denominator of the success rate)
+    attack_success: int | None  # of those, images whose adversarial majority vote is wrong
     violations: int  # adversarial examples outside [0,1], non-finite or outside the ε-ball
     max_perturbation: float
     seconds: float
@@ -105,15 +105,17 @@ def evaluate_batch(
     seed: int = 0,
     clean: torch.Tensor | None = None,
     adv_cache: AdvCache | None = None,
-) -> tuple[BatchRecord, torch.Tensor, torch.Tensor]:
+    score_clean: bool = True,
+) -> tuple[BatchRecord, torch.Tensor, torch.Tensor | None]:
     """Attack and score one batch. ``clean``: this batch's cached clean correctness (draws, N), if any;
-    ``adv_cache``: where this batch's adversarial examples may already be (defense-independent threats).
+    ``adv_cache``: where this batch's adversarial examples may already be (defense-independent threats);
+    ``score_clean=False``: do not purify the clean batch (robust accuracy only; clean metrics are None).
 
-    Returns the record, the adversarial batch and the clean correctness (for the clean cache).
+    Returns the record, the adversarial batch and the clean correctness (for the clean cache; None if not scored).
     """
     start = time.perf_counter()
     draws = n_draws if defended.stochastic else 1
-    if clean is None:
+    if clean is None and score_clean:
         torch.manual_seed(batch_seed(seed, index))
         clean = predict_draws(defended, x, draws) == y
     # The attack's random starts must not depend on whether the clean pass ran or came from the cache.
@@ -123,21 +125,25 @@ def evaluate_batch(
     # Reseed: APGD/FAB/Square reset the global generator to a fixed seed on every call, which would
     # otherwise give every batch the same purification draws when scoring.
     if torch.equal(x_adv, x):
-        robust = clean  # nothing changed (attack "none"): the same input is not purified twice
+        # Nothing changed (attack "none"): robust = clean, never a second purification of the same input.
+        if clean is None:  # not scored yet: the very draws the clean pass would have made
+            torch.manual_seed(batch_seed(seed, index))
+            clean = predict_draws(defended, x, draws) == y
+        robust = clean
     else:
         torch.manual_seed(batch_seed(seed, index) + 1)
         robust = predict_draws(defended, x_adv, draws) == y
-    clean_majority = clean.float().mean(0) > 0.5
     robust_majority = robust.float().mean(0) > 0.5
+    clean_majority = None if clean is None else clean.float().mean(0) > 0.5
     record = BatchRecord(
         index=index,
         n=int(x.shape[0]),
-        clean_correct=clean.float().mean(0).sum().item(),
-        clean_correct_worst=int(clean.all(0).sum()),
+        clean_correct=None if clean is None else clean.float().mean(0).sum().item(),
+        clean_correct_worst=None if clean is None else int(clean.all(0).sum()),
         robust_correct=robust.float().mean(0).sum().item(),
         robust_correct_worst=int(robust.all(0).sum()),
-        clean_correct_majority=int(clean_majority.sum()),
-        attack_success=int((clean_majority & ~robust_majority).sum()),
+        clean_correct_majority=None if clean_majority is None else int(clean_majority.sum()),
+        attack_success=None if clean_majority is None else int((clean_majority & ~robust_majority).sum()),
         violations=int(bad.sum()),
         max_perturbation=float(perturbation_norm(x_adv - x, attack.norm if attack else "Linf").max()),
         seconds=time.perf_counter() - start,
@@ -146,17 +152,21 @@ def evaluate_batch(
 
 
 def summarise(records: list[BatchRecord]) -> dict[str, Any]:
+    """Percentages over all records; the clean metrics are None if any batch was scored without them."""
     n = sum(r.n for r in records)
     seconds = sum(r.seconds for r in records)
-    majority = sum(r.clean_correct_majority for r in records)
     pct = lambda v: 100.0 * v / n if n else float("nan")  # noqa: E731
+    clean_scored = all(r.clean_correct is not None for r in records)
+    majority = sum(r.clean_correct_majority for r in records) if clean_scored else 0
     return {
         "n_images": n,
-        "clean_acc": pct(sum(r.clean_correct for r in records)),
-        "clean_acc_worst": pct(sum(r.clean_correct_worst for r in records)),
+        "clean_acc": pct(sum(r.clean_correct for r in records)) if clean_scored else None,
+        "clean_acc_worst": pct(sum(r.clean_correct_worst for r in records)) if clean_scored else None,
         "robust_acc": pct(sum(r.robust_correct for r in records)),
         "robust_acc_worst": pct(sum(r.robust_correct_worst for r in records)),
-        "attack_success_rate": 100.0 * sum(r.attack_success for r in records) / majority if majority else float("nan"),
+        "attack_success_rate": (100.0 * sum(r.attack_success for r in records) / majority if majority else float("nan"))
+        if clean_scored
+        else None,
         "violations": sum(r.violations for r in records),
         "max_perturbation": max((r.max_perturbation for r in records), default=0.0),
         "seconds": seconds,
@@ -179,6 +189,7 @@ def evaluate(
     grid_path: str | Path | None = None,
     clean_cache_file: str | Path | None = None,
     adv_cache_dir: str | Path | None = None,
+    score_clean: bool = True,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``defended`` under ``attack`` — callable from a notebook.
 
@@ -196,6 +207,8 @@ def evaluate(
             that differ only in attack / threat model (the caller keys it so); ``None`` = no sharing.
         adv_cache_dir: folder of adversarial batches shared by runs that differ only in the defense
             (the caller keys it so); used only when ``threat.defense_independent``.
+        score_clean: ``False`` skips purifying the clean images (clean metrics None, unless cached) — for
+            tables that report robust accuracy only, where a slow purifier's clean pass would double the cost.
 
     Returns:
         A dict of metrics (percentages) — see ``summarise``.
@@ -235,17 +248,18 @@ def evaluate(
                 clean_in = None if cached is None else torch.tensor(cached, dtype=torch.bool, device=device)
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     record, x_adv, clean = evaluate_batch(
-                        defended, attacked, attack, x, y, index, n_draws, seed, clean_in, adv_cache
+                        defended, attacked, attack, x, y, index, n_draws, seed, clean_in, adv_cache, score_clean
                     )
                     if grid_path is not None and index == 0:
                         save_grid(defended, x, x_adv, grid_path)
-                if clean_cache_file and cached is None:
+                if clean_cache_file and cached is None and clean is not None:
                     append_jsonl(clean_cache_file, {"index": index, "draws": draws, "correct": clean.cpu().tolist()})
                 records.append(record)
                 if cache_file:
                     append_jsonl(cache_file, asdict(record))
             running = summarise(records)
-            bar.update(task, advance=1, description=f"{label}: clean {running['clean_acc']:.1f}% robust {running['robust_acc']:.1f}%")
+            clean_text = "–" if running["clean_acc"] is None else f"{running['clean_acc']:.1f}%"
+            bar.update(task, advance=1, description=f"{label}: clean {clean_text} robust {running['robust_acc']:.1f}%")
     return {**summarise(records), "n_draws": n_draws if defended.stochastic else 1}
 
 

@@ -38,8 +38,13 @@ def cache_key(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
     ``ignore``: further top-level keys left out (``("attack", "threat")`` keys the clean-prediction cache)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY + tuple(ignore)}
+    if isinstance(plain.get("dataset"), dict):
+        # Tuned values (dataset.tuned.*) count only where a defense reads them, already resolved into its own keys:
+        # re-tuning DiffDefense's T* must not invalidate the undefended model's cached batches.
+        plain["dataset"] = {k: v for k, v in plain["dataset"].items() if k != "tuned"}
     if "eval" in plain:
-        plain["eval"] = {k: v for k, v in plain["eval"].items() if k in ("n_draws",)}
+        # score_clean only when off, so the keys of every run that scores clean images stay as they were.
+        plain["eval"] = {k: v for k, v in plain["eval"].items() if k == "n_draws" or (k == "score_clean" and v is False)}
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
     for path in sorted(set(_weights_files(plain))):
         digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
@@ -124,6 +129,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         grid_path=out_dir / "grid.png" if cfg.eval.grid else None,
         clean_cache_file=clean_cache_file,
         adv_cache_dir=adv_cache_dir,
+        score_clean=cfg.eval.get("score_clean", True),
     )
     result = {
         **run_metadata(cfg, device),

@@ -61,9 +61,10 @@ def grid_table(results: list[dict[str, Any]]) -> str:
 
 def long_table(results: list[dict[str, Any]]) -> str:
     timing = tuple(k for k in TIMING_COLUMNS if any(r.get(k) is not None for r in results))
-    keys = ("dataset", "victim", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + ("paper",)
+    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + ("paper",)
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    for r in sorted(results, key=lambda r: (r["dataset"], r["victim"], r["defense"], r["threat"], r["attack"])):
+    order = ("dataset", "victim", "victim_training", "defense", "threat", "attack")
+    for r in sorted(results, key=lambda r: tuple(str(r.get(k)) for k in order)):
         fmt = lambda k: f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k))  # noqa: E731
         lines.append("| " + " | ".join(fmt(k) for k in keys) + " |")
     return "\n".join(lines)

@@ -97,6 +97,15 @@ def test_resume_cache_key_follows_every_weights_file(compose):
     assert cache_key(compose("evaluate", ["defense=diffdefense", "eval.progress=true"])) == cache_key(cfg)
 
 
+def test_retuned_value_changes_only_the_keys_of_runs_that_read_it(compose):
+    from evaluation.runner import cache_key
+
+    key = lambda *overrides: cache_key(compose("evaluate", list(overrides)))  # noqa: E731
+    retuned = "dataset.tuned.diffdefense_t_star=3"
+    assert key("defense=none", retuned) == key("defense=none")
+    assert key("defense=diffdefense", retuned) != key("defense=diffdefense")
+
+
 def test_wandb_summary_written_offline(compose, tmp_path):
     from evaluation.runner import log_summary
 

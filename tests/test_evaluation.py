@@ -124,6 +124,26 @@ def test_no_attack_scores_the_clean_draws_once(trained_victim, batches):
     assert out["robust_acc"] == out["clean_acc"] and out["attack_success_rate"] == 0
 
 
+def test_score_clean_off_purifies_adversarial_images_only(trained_victim, batches, tmp_path):
+    from attacks.noise import NoAttack
+
+    purifier = CountingNoise(0.2)
+    small = [(x[:16], y[:16]) for x, y in batches[:2]]
+    run = functools.partial(evaluate, Defended(purifier, trained_victim), small, threat=Oblivious(), n_draws=2, seed=5, progress=False)
+    full = run(pgd(steps=3))
+    purifier.images = 0
+    robust_only = run(pgd(steps=3), score_clean=False, cache_file=tmp_path / "runs.jsonl")
+    assert purifier.images == 2 * 32  # the adversarial draws only: half the purifier's work
+    assert robust_only["robust_acc"] == full["robust_acc"] and robust_only["robust_acc_worst"] == full["robust_acc_worst"]
+    assert robust_only["clean_acc"] is None and robust_only["attack_success_rate"] is None
+    # Resumed from its cache, it still says "not scored", never 0 %.
+    resumed = run(pgd(steps=3), score_clean=False, cache_file=tmp_path / "runs.jsonl")
+    assert resumed["clean_acc"] is None and resumed["robust_acc"] == full["robust_acc"]
+    # With no attack, the unchanged images are still purified once (robust accuracy = clean accuracy).
+    none = run(Attack("none", NoAttack, "none", None, kind="noise"), score_clean=False)
+    assert none["robust_acc"] == pytest.approx(full["clean_acc"])
+
+
 def counting_pgd(calls: list, eps=0.2, steps=3):
     def build(model):
         calls.append(1)
