@@ -115,9 +115,13 @@ def evaluate_batch(
     """
     start = time.perf_counter()
     draws = n_draws if defended.stochastic else 1
-    if clean is None and score_clean:
+
+    def clean_pass() -> torch.Tensor:
         torch.manual_seed(batch_seed(seed, index))
-        clean = predict_draws(defended, x, draws) == y
+        return predict_draws(defended, x, draws) == y
+
+    if clean is None and score_clean:
+        clean = clean_pass()
     # The attack's random starts must not depend on whether the clean pass ran or came from the cache.
     torch.manual_seed(batch_seed(seed, index) + ATTACK_SEED_OFFSET)
     x_adv = x if attack is None else craft(attack, attacked, x, y, index, adv_cache)
@@ -126,9 +130,7 @@ def evaluate_batch(
     # otherwise give every batch the same purification draws when scoring.
     if torch.equal(x_adv, x):
         # Nothing changed (attack "none"): robust = clean, never a second purification of the same input.
-        if clean is None:  # not scored yet: the very draws the clean pass would have made
-            torch.manual_seed(batch_seed(seed, index))
-            clean = predict_draws(defended, x, draws) == y
+        clean = clean_pass() if clean is None else clean  # not scored yet: the same draws as a clean pass
         robust = clean
     else:
         torch.manual_seed(batch_seed(seed, index) + 1)
