@@ -7,6 +7,13 @@ four attacks but with torchattacks' default of **10** steps for APGD, APGD-T and
 the DiffDefense authors evaluated with): ``step_counts`` reads the configured counts off either
 object so tests and result files can state which one ran.
 
+Against a **stochastic** model (``version='auto'``, the config's default, picks it; so does ``'rand'``) the
+standard version is unsound twice over: its one-pass "is it still correct?" filter is a coin flip, and
+every image it judges not fooled is handed back clean. There we run AutoAttack's ``rand`` version —
+APGD-CE and APGD-DLR, 100 steps, 1 restart, each gradient averaged over 20 draws (``eot_iter``) — on
+*every* image, keep each one's highest-loss iterate (never x), and pick per image between the two
+candidates by accuracy over ``select_draws`` draws (``attacks.selection.pick_worst``).
+
 Note: pyautoattack and torchattacks both call ``torch.random.manual_seed(seed)`` inside their
 attacks, i.e. they reset the *global* generator.
 """
@@ -18,6 +25,12 @@ import pyautoattack
 import torch
 from torch import nn
 
+from attacks.apgd import model_device
+from attacks.selection import pick_worst
+from attacks.wrappers import is_stochastic
+
+VERSIONS = ("auto", "standard", "plus", "rand")
+
 
 class StandardAutoAttack:
     """``model -> callable(x, y)`` running ``pyautoattack.AutoAttack(...).run_standard_evaluation``.
@@ -26,12 +39,14 @@ class StandardAutoAttack:
         model: classifier returning logits of images in [0, 1].
         norm: ``Linf``, ``L2`` or ``L1``.
         eps: radius of the ε-ball.
-        version: ``standard`` (default), ``plus`` or ``rand``.
+        version: ``auto`` (``rand`` for a stochastic model, else ``standard``), ``standard``, ``plus`` or ``rand``.
         seed: seed of every sub-attack (``None`` = time-based, as in the original).
         n_iter, n_target_classes, n_queries: override the version's APGD/FAB iterations, the number
             of target classes of APGD-T/FAB-T and Square's query budget (``None`` = keep; tests
             only — the standard version is only "standard" with the defaults).
         batch_size: images per batch inside AutoAttack (``None`` = the whole input at once).
+        eot_iter: gradient draws per APGD step of the rand version (``None`` = its 20).
+        select_draws: draws that score the rand version's two candidates per image.
 
     Examples::
         >>> run = StandardAutoAttack(model, norm="Linf", eps=0.3)
@@ -45,20 +60,24 @@ class StandardAutoAttack:
         model: nn.Module,
         norm: str = "Linf",
         eps: float = 0.3,
-        version: str = "standard",
+        version: str = "auto",
         seed: int | None = 0,
         n_iter: int | None = None,
         n_target_classes: int | None = None,
         n_queries: int | None = None,
         batch_size: int | None = None,
+        eot_iter: int | None = None,
+        select_draws: int = 10,
     ) -> None:
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        if version not in VERSIONS:
+            raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+        if version == "auto":
+            version = "rand" if is_stochastic(model) else "standard"
         self.model = model
+        self.version = version
         self.batch_size = batch_size
-        self.aa = pyautoattack.AutoAttack(model, norm=norm, eps=float(eps), version=version, seed=seed, device=device)
+        self.select_draws = int(select_draws)
+        self.aa = pyautoattack.AutoAttack(model, norm=norm, eps=float(eps), version=version, seed=seed, device=model_device(model))
         self.aa.verbose = False
         if n_iter is not None:
             for apgd in (self.aa.apgd, self.aa.apgd_targeted):
@@ -69,10 +88,22 @@ class StandardAutoAttack:
             self.aa.fab.n_target_classes = int(n_target_classes)
         if n_queries is not None:
             self.aa.square.n_queries = int(n_queries)
+        if eot_iter is not None:
+            self.aa.apgd.eot_iter = int(eot_iter)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.version == "rand":
+            return self._rand(x, y)
         x_adv, _ = self.aa.run_standard_evaluation(x, y, batch_size=self.batch_size or len(x))
         return x_adv
+
+    def _rand(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """APGD-CE and APGD-DLR with EOT on every image (highest-loss iterates), the worse one per image kept."""
+        candidates = []
+        for loss in ("ce", "dlr"):
+            self.aa.apgd.loss = loss
+            candidates.append(self.aa.apgd.perturb(x, y, best_loss=True))
+        return pick_worst(self.model, candidates, y, self.select_draws)
 
     def step_counts(self) -> dict[str, dict[str, int]]:
         return step_counts(self)
@@ -99,7 +130,7 @@ def step_counts(runner: Any) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
         for name in aa.attacks_to_run:
             if name in ("apgd-ce", "apgd-dlr"):
-                counts[name] = {"steps": aa.apgd.n_iter, "restarts": aa.apgd.n_restarts}
+                counts[name] = {"steps": aa.apgd.n_iter, "restarts": aa.apgd.n_restarts, "eot": aa.apgd.eot_iter}
             elif name == "apgd-t":
                 t = aa.apgd_targeted
                 counts[name] = {"steps": t.n_iter, "targets": t.n_target_classes, "restarts": t.n_restarts}

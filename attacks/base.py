@@ -5,7 +5,9 @@ models decide *which* model an attack sees (victim, surrogate, or the EOT/BPDA-w
 ``Defended``) only at run time. So each attack config stores a *partial* builder
 (``_partial_: true``) and ``Attack`` binds it to the model on every call.
 
-``Attack`` also fixes three traps once for every attack:
+``Attack`` also fixes four traps once for every attack:
+- a loss-averaging ``attacks.wrappers.EOT`` model is attacked on tied replicas of the batch, so the
+  attack follows the gradient of the expected loss whatever loss it uses;
 - Lightning's ``trainer.test``/``validate`` and ``torch.inference_mode`` disable autograd; attacks
   need input gradients, so the call runs under ``inference_mode(False)`` + ``enable_grad``.
 - the model is attacked in eval mode and *each submodule's own* train/eval mode is restored in
@@ -15,11 +17,14 @@ models decide *which* model an attack sees (victim, surrogate, or the EOT/BPDA-w
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from attacks.wrappers import EOT, REDUCTIONS
 
 AttackBuilder = Callable[[nn.Module], Callable[..., Any]]
 
@@ -37,8 +42,12 @@ class Attack:
         eps: radius of the ε-ball in pixel units, or ``None`` for unbounded attacks (DeepFool, CW…).
         kind: ``gradient`` (white-box), ``query`` (score-based, no gradients), ``minimal``
             (minimal-norm, unbounded), ``noise`` (random, no model access).
-        handles_eot: the attack averages gradients over randomness itself (EOT-PGD), so the threat
-            model must not wrap a stochastic defense in ``attacks.wrappers.EOT`` again.
+        handles_eot: the attack averages gradients over randomness itself (EOT-PGD, the rand
+            AutoAttack), so the threat model must not wrap a stochastic defense in
+            ``attacks.wrappers.EOT`` again.
+        eot: how the threat model's ``EOT`` averages draws for this attack: ``loss`` (default: the
+            attack follows the gradient of the expected loss) or ``logits`` / ``probs`` (for the
+            linearising attacks that evaluate subsets of their batch, DeepFool and FAB).
 
     Example:
         >>> atk = Attack("pgd", functools.partial(torchattacks.PGD, eps=0.3, alpha=0.01, steps=20), "Linf", 0.3)
@@ -53,6 +62,7 @@ class Attack:
         eps: float | None = None,
         kind: str = "gradient",
         handles_eot: bool = False,
+        eot: str = "loss",
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"attack {name!r}: unknown norm {norm!r}; valid: {', '.join(NORMS)}")
@@ -63,7 +73,11 @@ class Attack:
         self.norm = norm
         self.eps = None if eps is None else float(eps)
         self.kind = kind
+        if eot not in REDUCTIONS:
+            raise ValueError(f"attack {name!r}: unknown eot {eot!r}; valid: {', '.join(REDUCTIONS)}")
         self.handles_eot = handles_eot
+        self.eot = eot
+        warn_if_cannot_reach_eps(self)
 
     @property
     def bounded(self) -> bool:
@@ -78,7 +92,10 @@ class Attack:
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             # clone() outside inference mode turns inference tensors into ordinary ones.
             x_in, y_in = x.detach().clone(), y.detach().clone()
-            out = self.builder(model)(x_in, y_in)
+            if isinstance(model, EOT):
+                out = model.run_attack(lambda m, xs, ys: self.builder(m)(xs, ys), x_in, y_in)
+            else:
+                out = self.builder(model)(x_in, y_in)
         x_adv = out[0] if isinstance(out, (tuple, list)) else out
         x_adv = x_adv.detach()
         if x_adv.shape != x.shape:
@@ -86,6 +103,30 @@ class Attack:
         if not torch.isfinite(x_adv).all():
             raise RuntimeError(f"attack {self.name!r} produced non-finite adversarial examples")
         return x_adv
+
+
+class WeakAttackWarning(UserWarning):
+    """An iterative attack whose steps × step size is below its ε: it cannot reach the ε-ball's boundary."""
+
+
+_WARNED: set[tuple] = set()
+
+
+def warn_if_cannot_reach_eps(attack: Attack) -> None:
+    """Warn once per setting when ``steps × alpha < eps`` (e.g. 20 × 0.01 at ε = 0.3): a weak preset, not a default."""
+    keywords = getattr(attack.builder, "keywords", {}) or {}
+    steps, alpha = keywords.get("steps"), keywords.get("alpha")
+    if not attack.bounded or not isinstance(steps, int) or not isinstance(alpha, (int, float)) or steps < 1:
+        return
+    key = (attack.name, steps, float(alpha), attack.eps)
+    if steps * alpha < attack.eps and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"attack {attack.name!r}: steps × alpha = {steps} × {alpha:g} = {steps * alpha:g} < eps = {attack.eps:g}: "
+            "it cannot reach its own ε (standard strength is steps × alpha ≥ 2.5·eps)",
+            WeakAttackWarning,
+            stacklevel=3,
+        )
 
 
 @contextmanager

@@ -1,17 +1,33 @@
 """Gradient-masking audit (Athalye et al. 2018; Carlini et al. 2019; Tramèr et al. 2020 checklists).
 
-Each check returns pass/fail with the numbers behind it. A defense that fails any check has an
-evaluation that cannot be trusted until the failure is explained (docs/decisions.md).
+Each check is PASS, FAIL or N/A (not applicable: its two sides would be the same model, or the
+defense has nothing it could test) with the numbers behind it. The audit passes when no check fails;
+a defense that fails one has an evaluation that cannot be trusted until the failure is explained.
 
-(a) robust accuracy → ≈ chance as ε grows large;        (b) more PGD steps / EOT samples never help the model;
-(c) full-gradient attack beats BPDA, transfer and Square; (d) input gradients finite, non-zero, consistent;
-(e) stochastic defenses: a frozen-randomness attack is no stronger than EOT;  (f) adversarial examples valid.
-pyautoattack's own checks (randomness, zero gradients) are run and their warnings reported too.
+(a) an unbounded attack (ε = 1 in L∞) drives accuracy to ≈ 0, and accuracy never rises with ε;
+(b) the attack has converged: 2× steps and 2× EOT samples change robust accuracy by no more than
+    the tolerance, for the audit's PGD and for the configured attack's own budget;
+(c) the full-gradient attack is at least as strong as BPDA (identity), transfer and Square;
+(d) input gradients are finite, non-zero and usable: a finite-difference check (float64) of the
+    directional derivative where the gradient claims to be exact, and, for stochastic defenses, the per-draw
+    cosine tells how many EOT samples the averaged gradient needs — fewer than configured fails;
+(e) stochastic defenses: a frozen-randomness attack is no stronger than EOT;
+(f) adversarial examples are valid (finite, in [0, 1], inside the ε-ball);
+(g) a purifier declared deterministic gives the same output twice;
+(h) every warning of pyautoattack's own checks fails, unless a written exception covers it.
+
+Every tolerance is a binomial confidence interval for the number of images used, at ``confidence``
+(default 95 %), never below one image (0.8 points at 128 images): comparisons of two attacks on the
+same images use the paired (McNemar) interval of their difference; "≈ 0" is the one-sided bound of a
+zero rate (the rule of three).
 """
 from __future__ import annotations
 
+import copy
 import functools
+import math
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -21,17 +37,60 @@ from torch import nn
 
 from attacks.base import Attack
 from attacks.wrappers import BPDA, EOT
-from defenses.base import Defended
-from evaluation.loop import constraint_violations, evaluate
-from evaluation.threats import Oblivious, Query, Transfer, WhiteBoxAdaptive
+from defenses.base import Defended, Identity, Purifier
+from evaluation.loop import constraint_violations, predict_draws
+from evaluation.threats import Oblivious, Query, ThreatModel, Transfer, WhiteBoxAdaptive
+
+PASS, FAIL, NA = "pass", "fail", "n/a"
+#: Builder arguments that set an attack's iteration or query budget (doubled by check (b)).
+BUDGET_KEYS = ("steps", "n_iter", "max_iterations", "n_queries")
+#: Builder arguments that set an attack's own EOT samples (doubled by check (b) for handles_eot attacks).
+EOT_KEYS = ("eot_samples", "eot_iter")
 
 
 @dataclass
 class Check:
     name: str
-    passed: bool
+    status: str
     detail: str
     values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        """True / False, or None when not applicable."""
+        return None if self.status == NA else self.status == PASS
+
+
+def _check(name: str, ok: bool, detail: str, values: dict[str, Any] | None = None) -> Check:
+    return Check(name, PASS if ok else FAIL, detail, values or {})
+
+
+def paired_tol(a: torch.Tensor, b: torch.Tensor, confidence: float = 0.95) -> float:
+    """Half-width (points) of the paired (McNemar) binomial CI of the difference of two accuracies on the same images.
+
+    ``a``, ``b``: per-image accuracies in [0, 1] (fractions of draws). For 0/1 outcomes this is
+    z·√(discordant images)/n; never below one image.
+    """
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    n = a.numel()
+    return max(100.0 * z * float((a - b).pow(2).sum().sqrt()) / n, 100.0 / n)
+
+
+def zero_rate_bound(n: int, confidence: float = 0.95) -> float:
+    """Largest accuracy (%) still consistent with a true rate of 0: the one-sided bound −ln(1−c)/n (rule of three)."""
+    return max(100.0 * -math.log(1 - confidence) / n, 100.0 / n)
+
+
+@dataclass
+class Run:
+    """One audit attack: per-image accuracy over the scoring draws, and the adversarial batch."""
+
+    per_image: torch.Tensor
+    x_adv: torch.Tensor
+
+    @property
+    def acc(self) -> float:
+        return 100.0 * float(self.per_image.mean())
 
 
 class _WarningCollector:
@@ -69,6 +128,24 @@ def square(eps: float, queries: int, norm: str = "Linf") -> Attack:
     return Attack("square", builder, norm, eps, kind="query")
 
 
+def scaled(attack: Attack, keys: tuple[str, ...], factor: int = 2) -> Attack | None:
+    """``attack`` with every integer budget argument among ``keys`` multiplied by ``factor``; None if it has none."""
+    builder = attack.builder
+    keywords = dict(getattr(builder, "keywords", {}) or {})
+    found = [k for k in keys if isinstance(keywords.get(k), int) and not isinstance(keywords.get(k), bool) and keywords[k] > 0]
+    if not found:
+        return None
+    keywords.update({k: keywords[k] * factor for k in found})
+    doubled = functools.partial(builder.func, *builder.args, **keywords)
+    return Attack(f"{attack.name}_x{factor}", doubled, attack.norm, attack.eps, attack.kind, attack.handles_eot, attack.eot)
+
+
+def _same_as_identity_bpda(purifier: nn.Module) -> bool:
+    """BPDA with the identity is what the adaptive attack already uses for this purifier."""
+    approx = getattr(type(purifier), "bpda_approximation", None)
+    return approx is None or approx is Purifier.bpda_approximation
+
+
 def run_audit(
     defended: Defended,
     x: torch.Tensor,
@@ -82,120 +159,287 @@ def run_audit(
     threat: WhiteBoxAdaptive | None = None,
     attack: Attack | None = None,
     square_queries: int = 500,
-    tol: float = 5.0,
-    chance_margin: float = 10.0,
+    confidence: float = 0.95,
     seed: int = 0,
+    fd_step: float = 1e-2,
+    fd_tol: float = 0.1,
 ) -> dict[str, Any]:
-    """Run checks (a)–(f) on ``(x, y)``; accuracies in %, ``tol`` in percentage points.
+    """Run checks (a)–(h) on ``(x, y)``; accuracies in %.
 
     Args:
         threat: the adaptive threat model under audit (default ``WhiteBoxAdaptive(eot_samples)``);
             pass ``WhiteBoxAdaptive(bpda=False)`` to audit what a naive evaluation would do.
-        attack: the configured attack whose outputs check (f) validates (default: PGD at ``eps``).
+        attack: the configured attack: check (b) doubles its own budget, check (f) validates its outputs.
         surrogate: a separately trained classifier for the transfer comparison (default: the bare
             victim, i.e. the oblivious attack).
+        confidence: level of the binomial confidence intervals that set every tolerance.
+        fd_step / fd_tol: L2 length of the finite-difference step and the largest median relative
+            error between the directional derivative and gradient·direction.
     """
     threat = threat or WhiteBoxAdaptive(eot_samples=eot_samples)
     defended = defended.eval()
+    n = len(x)
     num_classes = int(defended(x[:2]).shape[-1])
-    chance = 100.0 / num_classes
+    tol = lambda a, b: paired_tol(a.per_image, b.per_image, confidence)  # noqa: E731
+    purifier = defended.purifier
+    no_defense = isinstance(purifier, Identity)
 
-    def robust(atk: Attack, th=threat) -> float:
-        return evaluate(defended, [(x, y)], atk, th, n_draws=n_draws, seed=seed, progress=False)["robust_acc"]
+    def run(atk: Attack, th: ThreatModel = threat) -> Run:
+        """Attack, then score every image over ``n_draws`` purifications: per-image accuracy in [0, 1]."""
+        attacked = th.attacked_model(defended, atk)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed + 2)
+            x_adv = atk(attacked, x, y)
+            torch.manual_seed(seed + 1)
+            correct = predict_draws(defended, x_adv, n_draws if defended.stochastic else 1) == y
+        return Run(correct.float().mean(0), x_adv)
 
     checks: list[Check] = []
 
-    # (a) large ε drives accuracy to chance.
+    # (a) an unbounded attack reaches ≈ 0; accuracy never rises with ε.
     big = 1.0 if norm == "Linf" else float(x[0].numel()) ** 0.5
-    sweep = {e: robust(pgd(e, steps, norm)) for e in sorted({min(k * eps, big) for k in (1, 2, 4)} | {big})}
-    checks.append(Check(
-        "a_large_eps_to_chance", sweep[big] <= chance + chance_margin,
-        f"robust acc at eps={big:g} is {sweep[big]:.1f}% (chance {chance:.1f}%)",
-        {"eps_sweep": {f"{k:g}": v for k, v in sweep.items()}},
+    sweep = {e: run(pgd(e, steps, norm)) for e in sorted({min(k * eps, big) for k in (1, 2, 4)} | {big})}
+    bound = zero_rate_bound(n, confidence)
+    checks.append(_check(
+        "a_unbounded_attack_reaches_zero", sweep[big].acc <= bound,
+        f"robust acc at eps={big:g} is {sweep[big].acc:.1f}% (must be ≤ {bound:.1f}%, the {confidence:.0%} bound of a zero rate on {n} images)",
+        {"eps_sweep": {f"{k:g}": v.acc for k, v in sweep.items()}, "bound": bound, "chance": 100.0 / num_classes},
     ))
-    monotone = all(b <= a + tol for a, b in zip(list(sweep.values()), list(sweep.values())[1:]))
-    checks.append(Check("a_monotone_in_eps", monotone, "robust acc never rises with ε", {}))
+    runs = list(sweep.items())
+    rises = [(f"{e1:g}", f"{e2:g}") for (e1, a), (e2, b) in zip(runs, runs[1:]) if b.acc > a.acc + tol(a, b)]
+    checks.append(_check("a_monotone_in_eps", not rises, "robust acc never rises with ε beyond the tolerance", {"rises": rises}))
 
-    # (b) more steps / more EOT samples never raise robust accuracy.
+    # (b) convergence: doubling the budget changes nothing beyond the tolerance — either way.
     base = sweep[min(eps, big)]
-    doubled = robust(pgd(eps, 2 * steps, norm))
-    values = {"steps": steps, "robust": base, "robust_2x_steps": doubled}
-    ok = doubled <= base + tol
+    more = {"2x_steps": run(pgd(eps, 2 * steps, norm))}
     if defended.stochastic:
-        more_eot = robust(pgd(eps, steps, norm), WhiteBoxAdaptive(eot_samples=2 * threat.eot_samples, bpda=threat.bpda))
-        values["robust_2x_eot"] = more_eot
-        ok = ok and more_eot <= base + tol
-    checks.append(Check("b_more_iterations_never_help", ok, "doubling PGD steps / EOT samples does not raise robust acc", values))
+        more["2x_eot"] = run(pgd(eps, steps, norm), WhiteBoxAdaptive(2 * threat.eot_samples, threat.bpda))
+    checks.append(_convergence_check("b_pgd_converged", "PGD", base, more, tol, two_sided=True))
+    configured = None
+    if attack is not None and attack.kind in ("gradient", "query") and attack.bounded:
+        configured = run(attack)
+        checks.append(_budget_check(attack, configured, threat, defended, run, tol))
 
-    # (c) the full-gradient attack is the strongest.
-    alternatives = {
-        "bpda_identity": robust(pgd(eps, steps, norm), _BPDAEverywhere(threat)),
-        "transfer": robust(pgd(eps, steps, norm), Transfer(surrogate) if surrogate is not None else Oblivious()),
-        "square": robust(square(eps, square_queries, norm), Query()),
+    # (c) the full-gradient attack is the strongest; a comparison whose two sides are one model is N/A.
+    alternatives: dict[str, tuple[Attack, ThreatModel] | str] = {
+        "bpda_identity": "no defense" if no_defense else
+        "the adaptive attack already uses identity BPDA for this purifier (differentiable=False)"
+        if (not defended.differentiable and threat.bpda and _same_as_identity_bpda(purifier)) else
+        (pgd(eps, steps, norm), _BPDAEverywhere(threat)),
+        "transfer": (pgd(eps, steps, norm), Transfer(surrogate)) if surrogate is not None else
+        ("no defense: the oblivious attack is the full-gradient attack" if no_defense else (pgd(eps, steps, norm), Oblivious())),
+        "square": (square(eps, square_queries, norm), Query()),
     }
-    beaten = {k: v for k, v in alternatives.items() if v < base - tol}
-    checks.append(Check(
-        "c_full_gradient_strongest", not beaten,
-        "full-gradient PGD is at least as strong as BPDA, transfer and Square"
-        if not beaten else f"weaker-information attacks beat full-gradient PGD ({base:.1f}%): {beaten} → gradient masking",
-        {"full_gradient": base, **alternatives},
-    ))
+    for label, spec in alternatives.items():
+        if isinstance(spec, str):
+            checks.append(Check(f"c_full_gradient_beats_{label}", NA, f"not applicable: {spec}"))
+            continue
+        other = run(*spec)
+        t = tol(base, other)
+        checks.append(_check(
+            f"c_full_gradient_beats_{label}", other.acc >= base.acc - t,
+            f"full-gradient PGD {base.acc:.1f}% vs {label} {other.acc:.1f}%"
+            + ("" if other.acc >= base.acc - t else " → the weaker-information attack wins: gradient masking"),
+            {"full_gradient": base.acc, label: other.acc, "tol": t},
+        ))
 
-    # (d) gradients: finite, non-zero, consistent across random draws.
-    attacked = threat.attacked_model(defended, pgd(eps, steps, norm))
-    g1 = _input_grad(attacked, x, y)
-    finite = bool(torch.isfinite(g1).all())
-    nonzero = float((g1.flatten(1).abs().sum(1) > 0).float().mean())
+    # (d) gradients: finite, non-zero, exact where claimed, informative per draw.
     collector = _WarningCollector()
-    aa_checks.check_zero_gradients(g1, logger=collector)
-    values = {"finite": finite, "nonzero_fraction": nonzero}
-    ok = finite and nonzero >= 0.99
-    if defended.stochastic:
-        g2 = _input_grad(attacked, x, y)
-        cos = float(nn.functional.cosine_similarity(g1.flatten(1), g2.flatten(1), dim=1).nan_to_num(0.0).mean())
-        values["cosine_between_draws"] = cos
-        ok = ok and cos >= 0.5
-    checks.append(Check("d_gradients_finite_nonzero_consistent", ok, "input gradients are usable", values))
+    checks.extend(_gradient_checks(defended, threat, x, y, seed, fd_step, fd_tol, collector))
 
     # (e) frozen randomness is no stronger than EOT.
-    aa_checks.check_randomized(defended, x, y, n=3, logger=collector)
     if defended.stochastic:
-        frozen = robust(pgd(eps, steps, norm), _Frozen(threat, seed))
-        checks.append(Check(
-            "e_frozen_randomness_not_stronger", frozen >= base - tol,
-            f"frozen-seed attack {frozen:.1f}% vs EOT attack {base:.1f}%", {"frozen": frozen, "eot": base},
+        frozen = run(pgd(eps, steps, norm), _Frozen(threat, seed))
+        t = tol(base, frozen)
+        checks.append(_check(
+            "e_frozen_randomness_not_stronger", frozen.acc >= base.acc - t,
+            f"frozen-seed attack {frozen.acc:.1f}% vs EOT attack {base.acc:.1f}%", {"frozen": frozen.acc, "eot": base.acc, "tol": t},
         ))
     else:
-        checks.append(Check("e_frozen_randomness_not_stronger", True, "deterministic defense: not applicable", {}))
+        checks.append(Check("e_frozen_randomness_not_stronger", NA, "not applicable: deterministic defense"))
 
     # (f) adversarial examples are valid.
     atk = attack or pgd(eps, steps, norm)
-    x_adv = atk(threat.attacked_model(defended, atk), x, y)
-    bad = int(constraint_violations(x, x_adv, atk).sum())
-    checks.append(Check("f_adversarial_examples_valid", bad == 0, f"{bad} of {len(x)} examples outside [0,1], non-finite or outside ε", {"violations": bad}))
+    x_adv = configured.x_adv if configured is not None else atk(threat.attacked_model(defended, atk), x, y)
+    n_bad = int(constraint_violations(x, x_adv, atk).sum())
+    checks.append(_check("f_adversarial_examples_valid", n_bad == 0, f"{n_bad} of {n} examples outside [0,1], non-finite or outside ε", {"violations": n_bad}))
+
+    # (g) declared determinism holds.
+    checks.append(_determinism_check(defended, x, seed))
+
+    # (h) pyautoattack's own checks: each warning fails unless a written exception covers it.
+    aa_checks.check_randomized(defended, x, y, n=3, logger=collector)
+    aa_checks.check_range_output(defended, x, logger=collector)
+    checks.append(_autoattack_check(collector.messages, defended.stochastic))
 
     return {
-        "passed": all(c.passed for c in checks),
-        "checks": [asdict(c) for c in checks],
+        "passed": not any(c.status == FAIL for c in checks),
+        "checks": [{**asdict(c), "passed": c.passed} for c in checks],
         "autoattack_warnings": collector.messages,
-        "settings": {"eps": eps, "norm": norm, "steps": steps, "eot_samples": threat.eot_samples, "n_draws": n_draws, "n_images": len(x), "tol": tol},
+        "settings": {
+            "eps": eps, "norm": norm, "steps": steps, "eot_samples": threat.eot_samples, "n_draws": n_draws, "n_images": n,
+            "confidence": confidence, "one_image": 100.0 / n, "fd_step": fd_step, "fd_tol": fd_tol,
+        },
     }
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gradient of the logit margin (best other class − true class).
+def _convergence_check(name: str, label: str, base: "Run", more: dict[str, "Run"], tol, two_sided: bool) -> Check:
+    """Fail when a doubled budget lowers robust accuracy beyond the paired tolerance (or, two-sided, raises it)."""
+    values: dict[str, Any] = {"robust": base.acc}
+    bad: dict[str, float] = {}
+    for key, other in more.items():
+        t, delta = tol(base, other), other.acc - base.acc
+        values[f"robust_{key}"], values[f"tol_{key}"] = other.acc, t
+        if delta < -t or (two_sided and delta > t):
+            bad[key] = round(delta, 2)
+    return _check(
+        name, not bad,
+        f"{label}: doubling its budget moves robust acc within the tolerance"
+        if not bad else f"{label} has not converged: doubling moved robust acc by {bad} points",
+        values,
+    )
 
-    Not cross-entropy: for confidently classified images fp32 softmax saturates and the CE gradient
-    is exactly zero, which would flag an honest model; the margin's gradient never vanishes that way.
-    """
+
+def _budget_check(attack: Attack, own: "Run", threat: WhiteBoxAdaptive, defended: Defended, run, tol) -> Check:
+    """(b) on the configured attack: 2× its iterations and, on stochastic defenses, 2× its EOT samples."""
+    more: dict[str, Run] = {}
+    more_steps = scaled(attack, BUDGET_KEYS)
+    if more_steps is not None:
+        more["2x_budget"] = run(more_steps)
+    if defended.stochastic:
+        if attack.handles_eot:
+            more_eot = scaled(attack, EOT_KEYS)
+            if more_eot is not None:
+                more["2x_eot"] = run(more_eot)
+        elif attack.kind == "gradient":
+            more["2x_eot"] = run(attack, WhiteBoxAdaptive(2 * threat.eot_samples, threat.bpda))
+    if not more:
+        return Check("b_configured_attack_converged", NA, f"not applicable: {attack.name} has no budget argument to double")
+    return _convergence_check("b_configured_attack_converged", attack.name, own, more, tol, two_sided=False)
+
+
+def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image logit margin (best other class − true class): never saturates as fp32 softmax CE does."""
+    logits = model(x)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the summed logit margin with respect to the input."""
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
-        logits = model(xg)
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        other = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-        loss = (other - true).sum()
-        (grad,) = torch.autograd.grad(loss, xg)
+        (grad,) = torch.autograd.grad(_margin(model, xg, y).sum(), xg)
     return grad
+
+
+def _gradient_checks(
+    defended: Defended, threat: WhiteBoxAdaptive, x: torch.Tensor, y: torch.Tensor, seed: int,
+    fd_step: float, fd_tol: float, collector: _WarningCollector,
+) -> list[Check]:
+    single = WhiteBoxAdaptive(1, threat.bpda)  # one draw per gradient: what EOT averages
+    probe = pgd(1.0, 1)
+    attacked = single.attacked_model(defended, probe)
+    out: list[Check] = []
+    grads = [_input_grad(attacked, x, y) for _ in range(4 if defended.stochastic else 1)]
+    aa_checks.check_zero_gradients(grads[0], logger=collector)
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    nonzero = min(float((g.flatten(1).abs().sum(1) > 0).float().mean()) for g in grads)
+    out.append(_check(
+        "d_gradients_finite_nonzero", finite and nonzero >= 0.99,
+        f"finite: {finite}; images with a non-zero gradient: {nonzero:.1%}", {"finite": finite, "nonzero_fraction": nonzero},
+    ))
+
+    # Exactness: where the gradient claims to be exact (no BPDA on the backward), it must match finite differences.
+    if not defended.differentiable and threat.bpda:
+        out.append(Check("d_gradient_matches_finite_differences", NA, "not applicable: BPDA's backward is an approximation by design"))
+    else:
+        # float64: a defense whose output barely moves with x (directional derivatives ~1e-5) would otherwise
+        # fail on fp32 rounding alone; a rough function (shattered gradients) stays rough in float64.
+        exact = copy.deepcopy(attacked).double()
+        frozen = FrozenRandomness(exact, seed).eval() if defended.stochastic else exact.eval()
+        rel, values = _finite_difference(frozen, x.double(), y, fd_step, seed)
+        out.append(_check(
+            "d_gradient_matches_finite_differences", rel <= fd_tol,
+            f"median relative error of the directional derivative {rel:.3g} (≤ {fd_tol:g})"
+            + ("" if rel <= fd_tol else ": the gradient does not describe the function (shattered or faked gradients)"),
+            values,
+        ))
+
+    # Informativeness of one draw: per-draw cosine c → EOT samples k needed for the average to be within 60° of E[∇].
+    if defended.stochastic:
+        flat = [g.flatten(1) for g in grads]
+        cos = [float(nn.functional.cosine_similarity(a, b, dim=1).nan_to_num(0.0).mean()) for i, a in enumerate(flat) for b in flat[i + 1 :]]
+        c = sum(cos) / len(cos)
+        needed = math.inf if c <= 0 else math.ceil((1 - c) / (3 * c))
+        ok = needed <= threat.eot_samples
+        out.append(_check(
+            "d_eot_samples_suffice", ok,
+            f"per-draw gradient cosine {c:.3f} → {needed} EOT samples needed, {threat.eot_samples} configured"
+            + ("" if ok else ": the averaged gradient is mostly noise (raise threat.model.eot_samples)"),
+            {"per_draw_cosine": c, "eot_needed": needed, "eot_samples": threat.eot_samples},
+        ))
+    else:
+        out.append(Check("d_eot_samples_suffice", NA, "not applicable: deterministic defense"))
+    return out
+
+
+def _finite_difference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float, seed: int) -> tuple[float, dict[str, Any]]:
+    """Median over images of |(m(x+hd) − m(x−hd))/2h − ∇m·d| / max(|both|) for a random unit direction d per image."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 17)
+    d = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    d = d / d.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+    analytic = (_input_grad(model, x, y) * d).flatten(1).sum(1)
+    with torch.no_grad():
+        fd = (_margin(model, x + h * d, y) - _margin(model, x - h * d, y)) / (2 * h)
+    scale = torch.maximum(fd.abs(), analytic.abs()).clamp_min(1e-6)
+    rel = ((fd - analytic).abs() / scale).median().item()
+    return rel, {"median_relative_error": rel, "fd_step": h, "median_abs_directional_derivative": fd.abs().median().item()}
+
+
+def _determinism_check(defended: Defended, x: torch.Tensor, seed: int) -> Check:
+    """Purify the same batch twice under different seeds; a purifier declared deterministic must agree with itself."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed + 101)
+        first = defended.purifier(x)
+        torch.manual_seed(seed + 202)
+        second = defended.purifier(x)
+    differ = float((first - second).abs().max())
+    if defended.stochastic:
+        return Check(
+            "g_declared_randomness_holds", PASS,
+            "declared stochastic (EOT and N-draw scoring apply)" + ("" if differ > 0 else "; it gave identical outputs twice: harmless, only slower"),
+            {"max_difference": differ},
+        )
+    return _check(
+        "g_declared_randomness_holds", differ <= 1e-6,
+        "declared deterministic and gives the same output twice" if differ <= 1e-6
+        else f"declared deterministic (stochastic=False) but two purifications differ by up to {differ:.3g}: "
+        "EOT and N-draw scoring are switched off for a randomised defense",
+        {"max_difference": differ},
+    )
+
+
+#: pyautoattack warnings that a declaration explains, keyed by a phrase of the message.
+AUTOATTACK_EXCEPTIONS = {
+    "randomized defense": "the defense declares stochastic=True: EOT attacks and N-draw scoring are in force",
+}
+
+
+def _autoattack_check(messages: list[str], stochastic: bool) -> Check:
+    unexplained, explained = [], []
+    for msg in messages:
+        reason = next((r for phrase, r in AUTOATTACK_EXCEPTIONS.items() if phrase in msg), None)
+        if reason is not None and stochastic:
+            explained.append(f"{msg} — {reason}")
+        else:
+            unexplained.append(msg)
+    return _check(
+        "h_autoattack_checks", not unexplained,
+        "no unexplained pyautoattack warning" if not unexplained else f"{len(unexplained)} pyautoattack warning(s): {unexplained}",
+        {"explained": explained, "unexplained": unexplained},
+    )
 
 
 class _BPDAEverywhere(WhiteBoxAdaptive):
@@ -207,7 +451,7 @@ class _BPDAEverywhere(WhiteBoxAdaptive):
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
         model: nn.Module = Defended(BPDA(defended.purifier), defended.victim, defended.input_shape)
         if defended.stochastic and self.eot_samples > 1:
-            model = EOT(model, self.eot_samples)
+            model = EOT(model, self.eot_samples, reduction=attack.eot)
         return model.eval()
 
 
@@ -223,7 +467,8 @@ class _Frozen(WhiteBoxAdaptive):
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"Gradient-masking audit: {'PASS' if report['passed'] else 'FAIL'}"]
     for c in report["checks"]:
-        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['name']}: {c['detail']}")
+        status = c.get("status") or ("pass" if c["passed"] else "fail")
+        lines.append(f"  [{status.upper()}] {c['name']}: {c['detail']}")
         if c["values"]:
             lines.append(f"         {c['values']}")
     for w in report["autoattack_warnings"]:

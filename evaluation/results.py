@@ -56,11 +56,20 @@ def write_csv_atomic(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one line and fsync: a crash loses at most the line being written, which ``read_jsonl`` skips."""
+    """Append one line and fsync: a crash loses at most the line being written, which ``read_jsonl`` skips.
+
+    A torn last line (no newline: the crash hit mid-write) is closed first, so the new record starts a
+    line of its own instead of being glued onto the unreadable one and lost with it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -1,7 +1,9 @@
 """From a resolved Hydra config to result files: build the pieces, run the loop or the audit, write."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from attacks.base import Attack
 from defenses.base import Defended
 from evaluation.audit import format_report, run_audit
 from evaluation.loop import evaluate
@@ -18,6 +21,16 @@ from evaluation.results import device_name, git_commit, write_csv_atomic, write_
 
 #: Config keys that do not change the numbers, left out of the resume-cache key.
 _NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "table", "device", "detection")
+
+#: The project root whose packages the source hash covers (the checkout this module was imported from).
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+#: Packages whose code determines the numbers: a change to any .py file under them invalidates every cache.
+SOURCE_PACKAGES = ("datamodules", "models", "defenses", "attacks", "evaluation")
+#: Left out of the source hash: they only read, format or print results (or guard the command line), so
+#: editing a table layout must not throw away hours of cached attacks.
+PRESENTATION_MODULES = ("evaluation/tables.py", "evaluation/report.py", "evaluation/plots.py", "evaluation/bench.py", "evaluation/cli.py")
+#: Installed distributions whose releases change attacks or numerics (torchattacks/AutoAttack defects, kernels).
+VERSIONED_PACKAGES = ("torch", "torchattacks", "pyautoattack")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,10 +45,65 @@ def build_defended(cfg: DictConfig) -> Defended:
     return Defended(purifier, victim, input_shape=tuple(cfg.dataset.image_shape))
 
 
-def cache_key(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
-    """Hash of everything that determines the numbers, including every weights file the config loads
-    (victim, surrogate, denoiser, GAN …), so retraining any of them invalidates the cached batches.
-    ``ignore``: further top-level keys left out (``("attack", "threat")`` keys the clean-prediction cache)."""
+def source_hash(root: str | Path = SOURCE_ROOT) -> str:
+    """Hash of the number-determining source files under ``root`` (see ``SOURCE_PACKAGES``), so a bug fix in
+    an attack or a defense invalidates the cached batches that the old code produced."""
+    return _source_hash(Path(root).resolve())
+
+
+@functools.cache
+def _source_hash(root: Path) -> str:
+    # Once per process and root: the files do not change under a running evaluation, and a sweep keys many runs.
+    digest = hashlib.sha256()
+    files = sorted(
+        (path.relative_to(root).as_posix(), path)
+        for package in SOURCE_PACKAGES
+        for path in (root / package).rglob("*.py")
+        if path.relative_to(root).as_posix() not in PRESENTATION_MODULES
+    )
+    for relative, path in files:
+        # Path and content digest, NUL-separated: renaming a file or moving code between files changes the hash.
+        digest.update(relative.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def package_version(distribution: str) -> str | None:
+    """Installed version of ``distribution`` (``None`` when absent: an optional backend is then part of the key too)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    return {name: package_version(name) for name in VERSIONED_PACKAGES}
+
+
+def device_key(device: torch.device | str) -> str:
+    """``cpu`` or ``cuda (<GPU name>)``: kernels differ between device kinds and GPU models, so cached batches
+    from one are not the numbers of another; CPU thread counts are left out (the same run on a busier host)."""
+    device = torch.device(device)
+    return f"cuda ({device_name(device)})" if device.type == "cuda" else device.type
+
+
+def provenance(device: torch.device | str, source_root: str | Path = SOURCE_ROOT) -> dict[str, Any]:
+    """What besides the config and weights determines the numbers: code, library versions, device.
+    The resume-cache key hashes exactly this, and results.json records it."""
+    return {"source_hash": source_hash(source_root), "versions": library_versions(), "device": device_key(device)}
+
+
+def cache_key(
+    cfg: DictConfig,
+    ignore: tuple[str, ...] = (),
+    device: torch.device | str | None = None,
+    source_root: str | Path = SOURCE_ROOT,
+) -> str:
+    """Hash of everything that determines the numbers: the resolved config, every weights file the config loads
+    (victim, surrogate, denoiser, GAN …), the project's source, the library versions and the device, so
+    retraining a model, fixing an attack or moving to a GPU invalidates the cached batches.
+    ``ignore``: further top-level keys left out (``("attack", "threat")`` keys the clean-prediction cache);
+    ``device``: where the run computes (default: ``cfg.device`` resolved, as ``run_evaluation`` does)."""
+    device = resolve_device(cfg.device) if device is None else device
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain = {k: v for k, v in plain.items() if k not in _NOT_IN_CACHE_KEY + tuple(ignore)}
     if isinstance(plain.get("dataset"), dict):
@@ -45,7 +113,8 @@ def cache_key(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> str:
     if "eval" in plain:
         # score_clean only when off, so the keys of every run that scores clean images stay as they were.
         plain["eval"] = {k: v for k, v in plain["eval"].items() if k == "n_draws" or (k == "score_clean" and v is False)}
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode())
+    keyed = {"config": plain, "provenance": provenance(device, source_root)}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode())
     for path in sorted(set(_weights_files(plain))):
         digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return digest.hexdigest()[:16]
@@ -81,6 +150,7 @@ def run_metadata(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
         "paper": _paper_number(cfg),
         "device": device_name(device),
         "git_commit": git_commit(Path(__file__).parent),
+        "provenance": provenance(device),
         "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -98,13 +168,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.audit:
         return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
     # Adversarial batches of defense-independent threats (oblivious, transfer), shared across defenses.
-    adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'))}" if cfg.eval.resume else None
+    adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'), device=device)}" if cfg.eval.resume else None
     if cfg.get("detection"):
         from evaluation.detection import run_detection
 
         extra = run_metadata(cfg, device)
-        key = f"{cfg.dataset.name}-{cache_key(cfg)}-detection.jsonl"
-        clean_key = f"{cfg.dataset.name}-{cache_key(cfg, ignore=('attack', 'threat'))}-detection-clean.jsonl"
+        key = f"{cfg.dataset.name}-{cache_key(cfg, device=device)}-detection.jsonl"
+        clean_key = f"{cfg.dataset.name}-{cache_key(cfg, ignore=('attack', 'threat'), device=device)}-detection-clean.jsonl"
         return run_detection(
             defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
             cache_file=Path(cfg.eval.cache_dir) / key if cfg.eval.resume else None, progress=cfg.eval.progress,
@@ -112,8 +182,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             clean_cache_file=Path(cfg.eval.cache_dir) / clean_key if cfg.eval.resume else None,
         )
 
-    cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg)}.jsonl" if cfg.eval.resume else None
-    clean_key = cache_key(cfg, ignore=("attack", "threat"))
+    cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg, device=device)}.jsonl" if cfg.eval.resume else None
+    clean_key = cache_key(cfg, ignore=("attack", "threat"), device=device)
     clean_cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{clean_key}-clean.jsonl" if cfg.eval.resume else None
     metrics = evaluate(
         defended,
@@ -131,6 +201,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         adv_cache_dir=adv_cache_dir,
         score_clean=cfg.eval.get("score_clean", True),
     )
+    # Before any result file: a number measured outside the threat model is not a robust accuracy. The batch
+    # records keep their violation counts, so a resumed rerun reads them back and stops here again.
+    check_threat_model(attack, metrics)
     result = {
         **run_metadata(cfg, device),
         **metrics,
@@ -140,9 +213,23 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
         result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
     write_json_atomic(out_dir / "results.json", result)
-    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper")}])
+    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance")}])
     log_summary(cfg, result)
     return result
+
+
+def check_threat_model(attack: Attack, metrics: dict[str, Any]) -> None:
+    """Raise one line when some adversarial example left the threat model (ε-ball, [0, 1], finite): a robust
+    accuracy measured on such examples is not comparable to any paper's, so it must never reach a table."""
+    violations = int(metrics.get("violations") or 0)
+    if violations <= 0:
+        return
+    norm = attack.norm if attack.norm in ("Linf", "L2", "L1") else "L2"  # as evaluation.loop.perturbation_norm
+    bound = f"ε = {attack.eps:g}" if attack.bounded else "no ε-ball (unbounded attack: outside [0, 1] or non-finite)"
+    raise RuntimeError(
+        f"attack {attack.name!r} broke the threat model on {violations} of {metrics.get('n_images')} adversarial examples "
+        f"(max {norm} perturbation {metrics.get('max_perturbation', float('nan')):.4g} vs {bound}); no results.json written"
+    )
 
 
 def _paper_number(cfg: DictConfig, column: str | None = None) -> float | None:
@@ -200,7 +287,7 @@ def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out
     report = run_audit(
         defended, x, y, eps=eps, norm=norm, steps=s.steps, eot_samples=s.eot_samples, n_draws=cfg.eval.n_draws,
         surrogate=surrogate, threat=WhiteBoxAdaptive(s.eot_samples, bpda=s.bpda),
-        attack=attack if attack.bounded else None, square_queries=s.square_queries, tol=s.tol, seed=cfg.seed,
+        attack=attack if attack.bounded else None, square_queries=s.square_queries, confidence=s.confidence, seed=cfg.seed,
     )
     report.update(run_label(cfg))
     write_json_atomic(out_dir / "audit.json", report)

@@ -2,7 +2,9 @@
 
 Reads result files only — never re-runs anything — so tables can be rebuilt from a sweep that ran
 on another machine or in Slurm shards. Each cell is our robust accuracy, with the paper's number
-beside it where the experiment config states one (``paper: {row: {column: value}}``).
+beside it where the experiment config states one (``paper: {row: {column: value}}``). A stochastic defense
+(scored over ``n_draws`` > 1 purifications) shows ``mean / worst``: the mean over draws is what papers report,
+the worst case (correct on every draw) is what an attacker who may retry gets, and both belong in view.
 """
 from __future__ import annotations
 
@@ -38,8 +40,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def is_stochastic(result: dict[str, Any]) -> bool:
+    """Scored over several purification draws (``evaluate`` stores n_draws = 1 for deterministic defenses)."""
+    return int(result.get("n_draws") or 1) > 1 and result.get("robust_acc_worst") is not None
+
+
+def robust_cell(result: dict[str, Any]) -> str:
+    """``mean / worst (paper)`` for a stochastic defense, ``robust (paper)`` otherwise: the mean stays first, where
+    a single-pass figure is compared with the paper's, and deterministic cells read exactly as before."""
+    value = _fmt(result["robust_acc"])
+    if is_stochastic(result):
+        value += f" / {_fmt(result['robust_acc_worst'])}"
+    if result.get("paper") is not None:
+        value += f" ({_fmt(float(result['paper']))})"
+    return value
+
+
 def grid_table(results: list[dict[str, Any]]) -> str:
-    """Rows × columns of robust accuracy ``ours (paper)``, grouped by the experiment's labels."""
+    """Rows × columns of robust accuracy ``ours (paper)`` (``mean / worst (paper)`` for stochastic defenses),
+    grouped by the experiment's labels."""
     rows: list[str] = []
     cols: list[str] = []
     cells: dict[tuple[str, str], str] = {}
@@ -49,10 +68,7 @@ def grid_table(results: list[dict[str, Any]]) -> str:
         row = f"{row} [{r['threat']}]" if "threat" not in (t.get("row_includes") or "threat") else row
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
-        value = _fmt(r["robust_acc"])
-        if r.get("paper") is not None:
-            value += f" ({_fmt(float(r['paper']))})"
-        cells[(row, col)] = value
+        cells[(row, col)] = robust_cell(r)
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(cells.get((row, c), "") for c in cols) + " |")
@@ -75,8 +91,9 @@ def render(run_dir: str | Path) -> str:
     if not results:
         raise FileNotFoundError(f"no results.json under {run_dir}: run `python evaluate.py -m …` first")
     name = (results[0].get("table") or {}).get("name", "results")
+    worst = "; stochastic defenses: mean / worst-of-N over N purification draws" if any(map(is_stochastic, results)) else ""
     parts = [
-        f"## {name}: robust accuracy % (paper's number in parentheses)",
+        f"## {name}: robust accuracy % (paper's number in parentheses{worst})",
         "",
         grid_table(results),
         "",

@@ -37,7 +37,8 @@ class WhiteBoxAdaptive(ThreatModel):
 
     Args:
         eot_samples: draws averaged per gradient for stochastic purifiers (skipped when the attack
-            averages over randomness itself, e.g. EOT-PGD).
+            averages over randomness itself, e.g. EOT-PGD). The average is over the attack's *loss*
+            unless the attack declares ``eot: logits`` (``attacks.wrappers.EOT``).
         bpda: route gradients of non-differentiable purifiers through BPDA. Turning it off is only
             useful to *demonstrate* gradient masking (the audit's planted-defense test).
     """
@@ -54,7 +55,7 @@ class WhiteBoxAdaptive(ThreatModel):
             approx = getattr(defended.purifier, "bpda_approximation", None)
             model = Defended(BPDA(defended.purifier, approx), defended.victim, defended.input_shape)
         if defended.stochastic and self.eot_samples > 1 and not attack.handles_eot and attack.kind in ("gradient", "minimal"):
-            model = EOT(model, self.eot_samples)
+            model = EOT(model, self.eot_samples, reduction=attack.eot)
         return model.eval()  # fresh wrappers start in train mode; the attack must see eval mode
 
 

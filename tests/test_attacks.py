@@ -29,13 +29,14 @@ EPS = {"Linf": 0.3, "L2": 1.5}
 EXPECTED = {
     "fgsm", "bim", "pgd", "pgd_dlr", "pgd_l2", "pgd_restarts", "deepfool", "cw", "eot_pgd",
     "pgd_eot_strong", "square", "apgd_ce", "apgd_dlr", "autoattack", "autoattack_fast", "ead",
-    "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none",
+    "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none", "pgd_diffdefense",
 }  # fmt: skip
 
 # Shrunken budgets for the CPU test (the configs' own defaults are the papers').
 SHRINK = {
     "bim": {"alpha": 0.1, "steps": 5},
     "pgd": {"alpha": 0.1, "steps": 5},
+    "pgd_diffdefense": {"alpha": 0.1, "steps": 5},
     "pgd_dlr": {"alpha": 0.1, "steps": 5},
     "pgd_l2": {"alpha": 0.5, "steps": 8},
     "pgd_restarts": {"alpha": 0.1, "steps": 5, "restarts": 2},
@@ -113,7 +114,7 @@ def test_autoattack_reports_the_standard_budget(trained_victim):
     runner = load_attack("autoattack").builder(trained_victim)
     assert isinstance(runner, StandardAutoAttack)
     assert step_counts(runner) == {
-        "apgd-ce": {"steps": 100, "restarts": 1},
+        "apgd-ce": {"steps": 100, "restarts": 1, "eot": 1},
         "apgd-t": {"steps": 100, "targets": 9, "restarts": 1},
         "fab-t": {"steps": 100, "targets": 9, "restarts": 1},
         "square": {"queries": 5000, "restarts": 1},
@@ -346,3 +347,26 @@ def test_full_standard_autoattack_runs(trained_victim, batch, acc):
 
 def test_conf_dir_is_the_repository_one():
     assert CONF_DIR == Path(__file__).resolve().parents[1] / "conf" / "attack"
+
+
+@pytest.mark.parametrize("eps", [0.3, 8 / 255])
+def test_default_pgd_is_standard_strength_and_weak_presets_warn(eps):
+    """attack=pgd reaches 2.5·ε (Madry); the DiffDefense authors' 20 × 0.01 at ε = 0.3 is a named preset that warns."""
+    import warnings
+
+    from attacks.base import WeakAttackWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pgd = load_attack("pgd", eps_linf=eps)
+    atk = pgd.builder(torch.nn.Linear(1, 1))
+    assert atk.steps * atk.alpha == pytest.approx(2.5 * eps) and atk.steps == 40
+    assert load_attack("pgd", eps_linf=eps, builder_overrides={"steps": 10}).builder(torch.nn.Linear(1, 1)).alpha == pytest.approx(eps / 4)
+    assert not [w for w in caught if issubclass(w.category, WeakAttackWarning)]
+    if eps == 0.3:
+        with pytest.warns(WeakAttackWarning, match=r"20 × 0.01 = 0.2 < eps = 0.3"):
+            load_attack("pgd_diffdefense", eps_linf=eps)
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            load_attack("pgd_diffdefense", eps_linf=eps)
+        assert not again  # once per setting

@@ -1,6 +1,7 @@
 """End to end: train.py → evaluate.py → tables, and bad input failing with one clear line that overwrites nothing."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import train as train_script
 from evaluation.runner import run_evaluation
@@ -28,7 +30,9 @@ def test_train_then_evaluate_then_tables(compose, tmp_path):
 
     rows = []
     for attack in ("fgsm", "pgd"):
-        ecfg = compose("evaluate", [f"attack={attack}", "dataset.eval_subset=64", f"paths.output_dir={tmp_path / 'multi' / attack}"])
+        # The pgd run states a paper number for its cell (row "none", column "pgd"), as experiment configs do.
+        paper = ["paper={none: {pgd: 12.34}}"] if attack == "pgd" else []
+        ecfg = compose("evaluate", [f"attack={attack}", "dataset.eval_subset=64", f"paths.output_dir={tmp_path / 'multi' / attack}", *paper])
         result = run_evaluation(ecfg)
         rows.append(result)
         out = Path(ecfg.paths.output_dir)
@@ -36,17 +40,60 @@ def test_train_then_evaluate_then_tables(compose, tmp_path):
         on_disk = json.loads((out / "results.json").read_text())
         assert on_disk["robust_acc"] == result["robust_acc"] and on_disk["config"]["attack"]["name"] == attack
         assert result["n_images"] == 64 and result["robust_acc"] < result["clean_acc"]
-    table = render(tmp_path / "multi")
-    assert "| fgsm | pgd |" in table.replace("| | ", "| ") or ("fgsm" in table and "pgd" in table)
-    assert f"{rows[1]['robust_acc']:.2f}" in table
+    assert rows[0]["paper"] is None and rows[1]["paper"] == 12.34
+    cells = grid_cells(render(tmp_path / "multi"))
+    # Each run's own cell: our robust accuracy, and the paper's number beside it where the config states one.
+    assert cells == {("none", "fgsm"): f"{rows[0]['robust_acc']:.2f}", ("none", "pgd"): f"{rows[1]['robust_acc']:.2f} (12.34)"}
 
 
-def test_train_resumes_from_last_checkpoint(compose):
-    cfg = compose("train", TINY_TRAIN + ["dataset.datamodule.train_subset=256"])
-    train_script.train(cfg)
-    cfg2 = compose("train", TINY_TRAIN + ["dataset.datamodule.train_subset=256", "trainer.max_epochs=2"])
-    _, objects = train_script.train(cfg2)
-    assert objects["trainer"].current_epoch == 2  # resumed at epoch 1, trained one more
+def grid_cells(table: str) -> dict[tuple[str, str], str]:
+    """The first Markdown table of ``render``'s output (the row × column grid) as {(row, column): cell}."""
+    after = list(itertools.dropwhile(lambda line: not line.startswith("|"), table.splitlines()))
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), after))
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    columns = split(lines[0])[1:]
+    assert set(lines[1]) <= set("|-"), lines[1]
+    return {(row[0], col): cell for row in map(split, lines[2:]) for col, cell in zip(columns, row[1:]) if cell}
+
+
+class TrainBatchCounter(Callback):
+    """Records (epoch, batch index) of every training batch the trainer runs."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append((trainer.current_epoch, batch_idx))
+
+
+def counted_train(cfg, monkeypatch) -> tuple[TrainBatchCounter, dict]:
+    """``train.train(cfg)`` with a ``TrainBatchCounter`` added to the trainer's callbacks."""
+    counter = TrainBatchCounter()
+    real = train_script.instantiate
+
+    def instantiate(config, *args, **kwargs):
+        if "callbacks" in kwargs:  # the Trainer (train.py passes its ModelCheckpoint here)
+            kwargs["callbacks"] = [*kwargs["callbacks"], counter]
+        return real(config, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_script, "instantiate", instantiate)
+        _, objects = train_script.train(cfg)
+    return counter, objects
+
+
+def test_train_resumes_from_last_checkpoint(compose, monkeypatch):
+    """The second run (max_epochs=2) trains only epoch 1's batches: epoch 0 comes from last.ckpt.
+
+    ``current_epoch == 2`` alone holds for a fresh two-epoch run too; the batch count does not.
+    """
+    tiny = TINY_TRAIN + ["dataset.datamodule.train_subset=256"]
+    first, objects = counted_train(compose("train", tiny), monkeypatch)
+    per_epoch = len(objects["datamodule"].train_dataloader())
+    assert per_epoch >= 2 and first.batches == [(0, b) for b in range(per_epoch)]
+    resumed, objects = counted_train(compose("train", tiny + ["trainer.max_epochs=2"]), monkeypatch)
+    assert resumed.batches == [(1, b) for b in range(per_epoch)], "resumed at epoch 1: epoch 0 must not be retrained"
+    assert objects["trainer"].current_epoch == 2
 
 
 def run_cli(script: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:

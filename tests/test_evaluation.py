@@ -67,20 +67,6 @@ def test_transfer_and_query_threats(trained_victim, trained_surrogate, batches):
         evaluate(trained_victim, batches, pgd(), Query(), progress=False)
 
 
-def test_interrupted_evaluation_resumes_to_identical_numbers(trained_victim, batches, tmp_path):
-    defended = Defended(GaussianNoise(0.2), trained_victim)  # stochastic: per-batch seeding must hold
-    small = [(x[:16], y[:16]) for x, y in batches]
-    run = functools.partial(evaluate, defended, small, pgd(steps=4), WhiteBoxAdaptive(eot_samples=2), n_draws=4, seed=3, progress=False)
-    full = run(cache_file=tmp_path / "a.jsonl")
-    run(cache_file=tmp_path / "b.jsonl", max_batches=2)
-    assert len(read_jsonl(tmp_path / "b.jsonl")) == 2
-    with open(tmp_path / "b.jsonl", "a") as f:
-        f.write('{"index": 2, "torn')  # a crash mid-write leaves a torn line: it is redone, not misread
-    resumed = run(cache_file=tmp_path / "b.jsonl")
-    for key in ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images"):
-        assert resumed[key] == full[key], key
-
-
 class CountingNoise(GaussianNoise):
     """Gaussian noise that counts the images it purifies."""
 
@@ -91,6 +77,63 @@ class CountingNoise(GaussianNoise):
     def forward(self, x):
         self.images += x.shape[0]
         return super().forward(x)
+
+
+def recording_pgd(attacked: list, eps=0.2, steps=4):
+    """PGD that records the clean batch of every call it makes (to tell which batches were attacked)."""
+    def build(model):
+        inner = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps)
+
+        def run(x, y):
+            attacked.append(x.clone())
+            return inner(x, y)
+
+        return run
+
+    return Attack("pgd", build, "Linf", eps)
+
+
+def test_interrupted_evaluation_resumes_to_identical_numbers(trained_victim, batches, tmp_path, monkeypatch):
+    """A resumed run attacks and purifies only the batches its cache lacks, and gives the full run's numbers.
+
+    Identical numbers alone prove nothing (per-batch seeding makes a full rerun identical too): the counts do.
+    """
+    import evaluation.loop as loop
+
+    purifier = CountingNoise(0.2)  # stochastic: per-batch seeding must hold
+    defended = Defended(purifier, trained_victim)
+    small = [(x[:16], y[:16]) for x, y in batches]
+    attacked: list = []
+    run = functools.partial(evaluate, defended, small, recording_pgd(attacked), WhiteBoxAdaptive(eot_samples=2),
+                            n_draws=4, seed=3, progress=False)
+    # Which batch each attack call was on (an EOT attack may see its batch replicated: match the first rows).
+    which = lambda: [next(i for i, (x, _) in enumerate(small) if torch.equal(x, a[: len(x)])) for a in attacked]  # noqa: E731
+
+    full = run(cache_file=tmp_path / "a.jsonl")
+    per_batch = purifier.images / 3  # clean draws + EOT attack passes + adversarial draws of one batch
+    assert which() == [0, 1, 2] and per_batch == int(per_batch) > 0
+    attacked.clear(), setattr(purifier, "images", 0)
+    run(cache_file=tmp_path / "b.jsonl", max_batches=2)
+    assert which() == [0, 1] and purifier.images == 2 * per_batch
+    assert [r["index"] for r in read_jsonl(tmp_path / "b.jsonl")] == [0, 1]
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"index": 2, "torn')  # a crash mid-write leaves a torn line: it is redone, not misread
+    torn = (tmp_path / "b.jsonl").read_text()
+
+    attacked.clear(), setattr(purifier, "images", 0)
+    resumed = run(cache_file=tmp_path / "b.jsonl")
+    assert which() == [2], "the resumed run must attack only the missing batch"
+    assert purifier.images == per_batch, "the resumed run must purify only the missing batch"
+    keys = ("clean_acc", "clean_acc_worst", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images", "violations")
+    assert {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
+
+    # The counts catch what the numbers cannot: a loop that ignored its cache reruns everything, same numbers.
+    (tmp_path / "c.jsonl").write_text(torn)
+    monkeypatch.setattr(loop, "read_jsonl", lambda path: [])
+    attacked.clear(), setattr(purifier, "images", 0)
+    ignored = run(cache_file=tmp_path / "c.jsonl")
+    assert {k: ignored[k] for k in keys} == {k: full[k] for k in keys}
+    assert which() == [0, 1, 2] and purifier.images == 3 * per_batch  # ≠ the assertions above: caught
 
 
 def test_clean_cache_is_shared_across_attacks_and_changes_no_number(trained_victim, batches, tmp_path):
