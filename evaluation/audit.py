@@ -36,6 +36,7 @@ from pyautoattack import checks as aa_checks
 from torch import nn
 
 from attacks.base import Attack
+from attacks.square import Square
 from attacks.wrappers import BPDA, EOT
 from defenses.base import Defended, Identity, Purifier
 from evaluation.loop import constraint_violations, predict_draws
@@ -124,7 +125,7 @@ def pgd(eps: float, steps: int, norm: str = "Linf") -> Attack:
 
 
 def square(eps: float, queries: int, norm: str = "Linf") -> Attack:
-    builder = functools.partial(torchattacks.Square, norm=norm, eps=eps, n_queries=queries, seed=0)
+    builder = functools.partial(Square, norm=norm, eps=eps, n_queries=queries, seed=0)
     return Attack("square", builder, norm, eps, kind="query")
 
 

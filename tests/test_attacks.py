@@ -370,3 +370,21 @@ def test_default_pgd_is_standard_strength_and_weak_presets_warn(eps):
             warnings.simplefilter("always")
             load_attack("pgd_diffdefense", eps_linf=eps)
         assert not again  # once per setting
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED - {"none", "gaussian_noise", "square"}))
+def test_every_gradient_attack_runs_through_eot_on_a_stochastic_defense(name, trained_victim, batch):
+    """The threat model's EOT (loss or logits, per attack) composes with every attack: none evaluates a subset
+    of a tied-replica batch (which would raise TiedReplicaError), and the ε-ball holds."""
+    from defenses.base import Defended
+    from defenses.gaussian_noise import GaussianNoise
+    from evaluation.threats import WhiteBoxAdaptive
+
+    attack = load_attack(name, eps_linf=EPS["Linf"], eps_l2=EPS["L2"], builder_overrides=SHRINK.get(name))
+    x, y = batch[0][:8], batch[1][:8]
+    noisy = Defended(GaussianNoise(0.1), trained_victim)
+    torch.manual_seed(0)
+    x_adv = attack(WhiteBoxAdaptive(eot_samples=2).attacked_model(noisy, attack), x, y)
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    if attack.bounded:
+        assert _norms(x_adv - x)[attack.norm].max() <= attack.eps + 1e-5

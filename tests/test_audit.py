@@ -34,6 +34,8 @@ def xy(fmnist_test_batch):
 
 
 def _status(report) -> dict[str, str]:
+    """Check name → status; prints the report (``pytest tests/test_audit.py -s`` shows every audit in full)."""
+    print(f"\n{report.get('label', '')}\n{format_report(report)}")
     return {c["name"]: c["status"] for c in report["checks"]}
 
 
@@ -111,8 +113,9 @@ def test_audit_fails_vanishing_gradients(trained_victim, xy):
 
 def test_audit_fails_shattered_gradients(trained_victim, xy):
     report = run_audit(Defended(Shattered(), trained_victim), *xy, **FAST)
+    status = _status(report)
     assert not report["passed"]
-    assert _status(report)["d_gradient_matches_finite_differences"] == "fail", format_report(report)
+    assert status["d_gradient_matches_finite_differences"] == "fail", format_report(report)
 
 
 def test_audit_fails_randomness_declared_deterministic(trained_victim, xy):
@@ -126,6 +129,7 @@ def test_audit_fails_an_attack_that_has_not_converged(trained_victim, fmnist_tes
     """200 images: the paired interval then resolves the 9-point gain of doubling a 4 × 0.005 PGD."""
     weak = Attack("weak_pgd", functools.partial(torchattacks.PGD, eps=0.2, alpha=0.005, steps=4), "Linf", 0.2)
     report = run_audit(Defended(Identity(), trained_victim), *fmnist_test_batch, **FAST, attack=weak)
+    _status(report)
     check = next(c for c in report["checks"] if c["name"] == "b_configured_attack_converged")
     assert check["status"] == "fail", format_report(report)
     assert check["values"]["robust_2x_budget"] < check["values"]["robust"] - check["values"]["tol_2x_budget"]

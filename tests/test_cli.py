@@ -162,3 +162,29 @@ def test_wandb_summary_written_offline(compose, tmp_path):
     log_summary(cfg, result)
     runs = list((tmp_path / "wb").rglob("offline-run-*/*.wandb"))  # offline: the summary lives in the run file
     assert len(runs) == 1 and b"robust_acc" in runs[0].read_bytes() and b"12.5" in runs[0].read_bytes()
+
+
+def test_audit_through_the_cli_passes_the_undefended_model_and_fails_naive_quantisation(compose, tmp_path):
+    """`evaluate.py audit=true` end to end: PASS for defense=none, FAIL for 1-bit quantisation without BPDA."""
+    cfg = compose("train", TINY_TRAIN)
+    train_script.train(cfg)
+    common = [
+        f"paths.root_dir={tmp_path}", f"paths.data_dir={cfg.paths.data_dir}", f"paths.checkpoint_dir={cfg.paths.checkpoint_dir}",
+        "audit=true", "audit_settings.n_images=48", "audit_settings.steps=8", "audit_settings.square_queries=100",
+        "logger=csv", "eval.progress=false",
+    ]
+    reports = {}
+    for label, extra in (("none", ["defense=none"]), ("naive", ["defense=bit_depth", "audit_settings.bpda=false"])):
+        out = tmp_path / label
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "evaluate.py"), *common, *extra, f"hydra.run.dir={out}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports[label] = (proc.stdout, json.loads((out / "audit.json").read_text()))
+    stdout, report = reports["none"]
+    assert "Gradient-masking audit: PASS" in stdout and report["passed"] and report["defense"] == "none"
+    stdout, report = reports["naive"]
+    assert "Gradient-masking audit: FAIL" in stdout and not report["passed"] and report["defense"] == "bit_depth"
+    failed = {c["name"] for c in report["checks"] if c["status"] == "fail"}
+    assert "d_gradients_finite_nonzero" in failed

@@ -52,6 +52,35 @@ def test_white_box_wraps_eot_and_bpda(trained_victim):
     assert Oblivious().attacked_model(quant, pgd()) is trained_victim
 
 
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("pgd", ("EOT", "loss")),  # loss-averaging EOT for every plain gradient attack
+        ("apgd_ce", ("EOT", "loss")),
+        ("deepfool", ("EOT", "logits")),  # linearising attacks average logits
+        ("fab", ("EOT", "logits")),
+        ("eot_pgd", None),  # averages over draws itself: never wrapped twice
+        ("pgd_eot_strong", None),
+        ("autoattack", None),  # the rand version brings its own EOT 20
+        ("square", None),  # a query attack: no gradients, no EOT
+    ],
+)
+def test_threat_model_wrapping_rules(trained_victim, name, expected):
+    from attacks.registry import load_attack
+    from attacks.wrappers import EOT
+
+    atk = load_attack(name)
+    noisy = Defended(GaussianNoise(0.1), trained_victim)
+    threat = WhiteBoxAdaptive(eot_samples=5) if atk.kind != "query" else Query()
+    model = threat.attacked_model(noisy, atk)
+    if expected is None:
+        assert not isinstance(model, EOT) and model is noisy
+    else:
+        assert isinstance(model, EOT) and (type(model).__name__, model.reduction) == expected and model.samples == 5
+    # a deterministic defense is never wrapped in EOT, whatever the attack
+    assert not isinstance(WhiteBoxAdaptive(5).attacked_model(Defended(Identity(), trained_victim), atk), EOT)
+
+
 def test_bpda_makes_the_adaptive_attack_stronger_than_naive(trained_victim, batches):
     quant = Defended(BitDepthReduction(1), trained_victim)
     naive = evaluate(quant, batches, pgd(0.2), WhiteBoxAdaptive(bpda=False), progress=False)

@@ -100,3 +100,22 @@ def test_pick_worst_keeps_the_candidate_with_the_lowest_accuracy_over_draws():
     chosen = pick_worst(model, [a, b], y, 4)
     assert torch.equal(chosen[0], a[0]) and torch.equal(chosen[1], b[1])
     assert torch.equal(pick_worst(model, [a, a.clone()], y, 4), a)  # ties keep the earlier candidate
+
+
+def test_square_gives_every_image_a_candidate_on_a_stochastic_model(noisy, xy, trained_victim):
+    """torchattacks' Square hands back x for every image one query never saw fooled; ours never does there."""
+    import torchattacks
+
+    x, y = xy[0][:16], xy[1][:16]
+    ours = load_attack("square", eps_linf=EPS, builder_overrides={"n_queries": 20})
+    moved = (ours(noisy, x, y) - x).flatten(1).abs().amax(1)
+    assert (moved > 0).all() and moved.max() <= EPS + 1e-6
+    torch.manual_seed(0)
+    old = torchattacks.Square(noisy, eps=EPS, n_queries=20, seed=0)(x, y)
+    assert ((old - x).flatten(1).abs().amax(1) == 0).any()  # the clean fallback this replaces
+    # a deterministic model runs torchattacks' own perturb unchanged
+    torch.manual_seed(0)
+    a = ours(trained_victim, x, y)
+    torch.manual_seed(0)
+    b = torchattacks.Square(trained_victim, eps=EPS, n_queries=20, seed=0)(x, y)
+    assert torch.equal(a, b)
