@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from evaluation.audit import format_report
-from evaluation.plots import detection_markdown, load_detections, plot_detection, plot_tstar, tstar_curves
+from evaluation.plots import load_detections, plot_detection, plot_tstar, tstar_curves
 from evaluation.results import write_text_atomic
 from evaluation.tables import load_results, render
 

@@ -5,6 +5,7 @@ within its budget while asserting real behaviour (attacks lower accuracy of a mo
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,19 @@ def compose_config(config_name: str, overrides: list[str], tmp: Path, data_dir: 
 def compose(tmp_path: Path, data_dir: Path):
     """``compose("evaluate", ["attack=fgsm"])`` → the resolved-ready DictConfig with tmp paths."""
     return lambda name, overrides=(): compose_config(name, list(overrides), tmp_path, data_dir)
+
+
+def parse_grid(table: str) -> dict[tuple[str, str], str]:
+    """The first Markdown table of ``evaluation.tables.render`` (the row × column grid) as {(row, column): cell}."""
+    after = list(itertools.dropwhile(lambda line: not line.startswith("|"), table.splitlines()))
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), after))
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    columns = split(lines[0])[1:]
+    assert set(lines[1]) <= set("|-"), lines[1]
+    return {(row[0], col): cell for row in map(split, lines[2:]) for col, cell in zip(columns, row[1:]) if cell}
+
+
+@pytest.fixture
+def grid_cells():
+    """``grid_cells(render(folder))`` → {(row, column): cell text} of the table's grid."""
+    return parse_grid

@@ -1,7 +1,6 @@
 """End to end: train.py → evaluate.py → tables, and bad input failing with one clear line that overwrites nothing."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ TINY_TRAIN = ["logger=csv", "trainer=cpu", "trainer.max_epochs=1", "dataset.data
               "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
 
 
-def test_train_then_evaluate_then_tables(compose, tmp_path):
+def test_train_then_evaluate_then_tables(compose, tmp_path, grid_cells):
     cfg = compose("train", TINY_TRAIN)
     metrics, _ = train_script.train(cfg)
     weights = Path(cfg.victim.weights)
@@ -44,16 +43,6 @@ def test_train_then_evaluate_then_tables(compose, tmp_path):
     cells = grid_cells(render(tmp_path / "multi"))
     # Each run's own cell: our robust accuracy, and the paper's number beside it where the config states one.
     assert cells == {("none", "fgsm"): f"{rows[0]['robust_acc']:.2f}", ("none", "pgd"): f"{rows[1]['robust_acc']:.2f} (12.34)"}
-
-
-def grid_cells(table: str) -> dict[tuple[str, str], str]:
-    """The first Markdown table of ``render``'s output (the row × column grid) as {(row, column): cell}."""
-    after = list(itertools.dropwhile(lambda line: not line.startswith("|"), table.splitlines()))
-    lines = list(itertools.takewhile(lambda line: line.startswith("|"), after))
-    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
-    columns = split(lines[0])[1:]
-    assert set(lines[1]) <= set("|-"), lines[1]
-    return {(row[0], col): cell for row in map(split, lines[2:]) for col, cell in zip(columns, row[1:]) if cell}
 
 
 class TrainBatchCounter(Callback):

@@ -229,7 +229,7 @@ def test_adv_cache_shares_defense_independent_examples(trained_victim, batches, 
     keys = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate")
     calls: list = []
     run = functools.partial(evaluate, threat=Oblivious(), n_draws=2, seed=4, progress=False)
-    none = run(trained_victim, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")
+    run(trained_victim, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")
     assert len(calls) == 2 and len(list((tmp_path / "adv").glob("*.pt"))) == 2
     noisy = Defended(GaussianNoise(0.2), trained_victim)
     shared = run(noisy, small, counting_pgd(calls), adv_cache_dir=tmp_path / "adv")

@@ -317,17 +317,7 @@ def _write(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj))
 
 
-def _grid_cells(table: str) -> dict[tuple[str, str], str]:
-    """The first Markdown table of ``evaluation.tables.render`` (the row × column grid) as {(row, column): cell}."""
-    after = list(itertools.dropwhile(lambda line: not line.startswith("|"), table.splitlines()))
-    lines = list(itertools.takewhile(lambda line: line.startswith("|"), after))
-    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
-    columns = split(lines[0])[1:]
-    assert set(lines[1]) <= set("|-"), lines[1]
-    return {(row[0], col): cell for row in map(split, lines[2:]) for col, cell in zip(columns, row[1:]) if cell}
-
-
-def test_table1_cells_show_our_number_beside_the_papers(compose, tmp_path):
+def test_table1_cells_show_our_number_beside_the_papers(compose, tmp_path, grid_cells):
     """Synthetic results of real Table 1 jobs: each lands in its (row, column) cell as ``ours (paper)``."""
     from evaluation.tables import render
 
@@ -344,7 +334,7 @@ def test_table1_cells_show_our_number_beside_the_papers(compose, tmp_path):
             "dataset": cfg.dataset.name, "defense": cfg.defense.name, "attack": cfg.attack.name, "threat": cfg.threat.name,
             "table": labels["table"], "paper": _paper_number(cfg), "robust_acc": acc, "robust_acc_worst": worst, "n_draws": draws,
         })  # fmt: skip
-    cells = _grid_cells(render(tmp_path))
+    cells = grid_cells(render(tmp_path))
     assert cells[("mnist pgd_restarts", "oblivious none")] == "3.50 (5.81)"
     assert cells[("mnist fgsm", "transfer none")] == "20.25 (15.81)"
     assert cells[("fashion_mnist fgsm", "oblivious none")] == "61.00"  # no paper number for Fashion-MNIST
