@@ -35,7 +35,8 @@ test-all: install
 
 # The main job on the offline default: train classifiers A and B briefly on Fashion-MNIST, attack A
 # white-box and by transfer from B (FGSM / PGD / DeepFool); train a small DDPM (reused when its checkpoint
-# exists) and show DiffDefense under PGD (paper's oblivious protocol + a small adaptive BPDA+EOT run);
+# exists) and show DiffDefense under PGD (paper's oblivious protocol + a small adaptive run through both gradient
+# paths, exact and identity BPDA: for DiffDefense BPDA is the stronger one, see docs/results/…-cpu.md);
 # print the table, save image grids.
 # The demo keeps its small models in their own folder, so it never overwrites full-scale weights under
 # checkpoints/<dataset>/; rerunning it reuses them (Lightning resumes at max_epochs, the DDPM is kept).
@@ -51,8 +52,10 @@ demo: install
 	rm -rf $(DEMO_DIR) && \
 	$(PY) evaluate.py -m experiment=demo hydra.sweep.dir=$(DEMO_DIR)/none && \
 	$(PY) evaluate.py -m experiment=demo_diffdefense attack=none,pgd hydra.sweep.dir=$(DEMO_DIR)/diffdefense && \
-	$(PY) evaluate.py experiment=demo_diffdefense threat=white_box_adaptive threat.model.eot_samples=2 \
-	  attack.builder.steps=5 attack.builder.alpha=0.075 dataset.eval_subset=32 hydra.run.dir=$(DEMO_DIR)/diffdefense_adaptive && \
+	$(PY) evaluate.py -m experiment=demo_diffdefense threat=white_box_adaptive threat.model.eot_samples=2 \
+	  attack.builder.steps=5 attack.builder.alpha=0.075 dataset.eval_subset=32 defense.purifier.gradient=exact,bpda \
+	  'table.row=$${defense.name} / $${threat.name} / $${defense.purifier.gradient}' \
+	  hydra.sweep.dir=$(DEMO_DIR)/diffdefense_adaptive && \
 	$(PY) -m evaluation.tables $(DEMO_DIR) && \
 	echo "image grids: $(DEMO_DIR)/*/*/grid.png" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
