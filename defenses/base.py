@@ -20,10 +20,14 @@ class Purifier(nn.Module):
       score is taken over several purifications.
     - ``differentiable``: ``False`` when a step has zero/undefined gradients (rounding, JPEG, …) →
       adaptive attacks go through ``attacks.wrappers.BPDA``.
+    - ``also_bpda``: the exact gradient runs through a long iterative chain (an unrolled optimisation,
+      a reverse diffusion) that can be correct yet shattered at the attack's scale → adaptive attacks
+      run along both paths, exact and identity BPDA, and keep each image's worse candidate.
     """
 
     stochastic: bool = False
     differentiable: bool = True
+    also_bpda: bool = False
 
     def bpda_approximation(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable stand-in used by BPDA on the backward pass (identity by default)."""

@@ -82,6 +82,8 @@ class DefenseGAN(Purifier):
         self.extra_generation = bool(extra_generation)
         self.gradient = gradient
         self.differentiable = gradient == "exact"  # instance attribute: Defended/WhiteBoxAdaptive read it
+        # Exact gradients through the unrolled search can be shattered (docs/results/…-cpu.md): attack along BPDA too.
+        self.also_bpda = self.differentiable
         self.checkpoint = bool(checkpoint)
 
     def train(self, mode: bool = True) -> "DefenseGAN":

@@ -152,6 +152,8 @@ class DiffDefense(Purifier):
         self.clip_x0 = bool(clip_x0)
         self.gradient = gradient
         self.differentiable = gradient == "exact"  # instance attribute: Defended/WhiteBoxAdaptive read it
+        # Exact gradients through the unrolled search can be shattered (docs/results/…-cpu.md): attack along BPDA too.
+        self.also_bpda = self.differentiable
         self.checkpoint = self.grad_through_denoiser if checkpoint is None else bool(checkpoint)
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from attacks.base import Attack
+from attacks.selection import pick_worst
 from defenses.base import Defended, Identity
 from evaluation.adv_cache import AdvCache, craft
 from evaluation.results import append_jsonl, read_jsonl
@@ -88,15 +89,45 @@ def predict_draws(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor
 #: The attack of batch i runs under batch_seed(seed, i) + this, in the metric loop and in detection alike,
 #: so both craft the same examples and may share them (``evaluation.adv_cache``).
 ATTACK_SEED_OFFSET = 2
+#: Seed offset of the draws that choose between several gradient paths' candidates (``craft_worst``).
+SELECT_SEED_OFFSET = 3
 
 
 def batch_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index) * 7919) % (2**63 - 1)
 
 
+def craft_worst(
+    attack: Attack,
+    attacked: nn.Module | list[nn.Module],
+    defended: Defended,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: int,
+    draws: int,
+    seed: int = 0,
+    adv_cache: AdvCache | None = None,
+) -> torch.Tensor:
+    """The attack against each attacked model (one, or several gradient paths), each image's worst candidate kept.
+
+    Every path starts from the same seed, so its random starts do not depend on whether the clean pass ran
+    or came from a cache; several candidates are compared over ``draws`` purifications of ``defended``
+    under a seed of their own (not the scoring draws, which would bias the choice towards them).
+    """
+    models = attacked if isinstance(attacked, (list, tuple)) else [attacked]
+    candidates = []
+    for model in models:
+        torch.manual_seed(batch_seed(seed, index) + ATTACK_SEED_OFFSET)
+        candidates.append(craft(attack, model, x, y, index, adv_cache if len(models) == 1 else None))
+    if len(candidates) == 1:
+        return candidates[0]
+    torch.manual_seed(batch_seed(seed, index) + SELECT_SEED_OFFSET)
+    return pick_worst(defended, candidates, y, draws)
+
+
 def evaluate_batch(
     defended: Defended,
-    attacked: nn.Module | None,
+    attacked: nn.Module | list[nn.Module] | None,
     attack: Attack | None,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -122,9 +153,7 @@ def evaluate_batch(
 
     if clean is None and score_clean:
         clean = clean_pass()
-    # The attack's random starts must not depend on whether the clean pass ran or came from the cache.
-    torch.manual_seed(batch_seed(seed, index) + ATTACK_SEED_OFFSET)
-    x_adv = x if attack is None else craft(attack, attacked, x, y, index, adv_cache)
+    x_adv = x if attack is None else craft_worst(attack, attacked, defended, x, y, index, draws, seed, adv_cache)
     bad = constraint_violations(x, x_adv, attack)
     # Reseed: APGD/FAB/Square reset the global generator to a fixed seed on every call, which would
     # otherwise give every batch the same purification draws when scoring.
@@ -220,9 +249,10 @@ def evaluate(
     device = torch.device(device)
     defended = defended.to(device).eval()
     threat = threat or WhiteBoxAdaptive()
-    attacked = threat.attacked_model(defended, attack) if attack is not None else None
-    if isinstance(attacked, nn.Module):
-        attacked = attacked.to(device)
+    attacked = None
+    if attack is not None:
+        paths = getattr(threat, "attacked_models", None)  # a duck-typed threat may offer only attacked_model
+        attacked = [m.to(device) for m in (paths(defended, attack) if paths else [threat.attacked_model(defended, attack)])]
     done = {r["index"]: BatchRecord(**{f.name: r[f.name] for f in fields(BatchRecord)}) for r in read_jsonl(cache_file)} if cache_file else {}
     adv_cache = AdvCache(adv_cache_dir) if adv_cache_dir and attack is not None and threat.defense_independent else None
     draws = n_draws if defended.stochastic else 1

@@ -28,6 +28,10 @@ class ThreatModel(ABC):
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
         """The model ``attack`` is run against."""
 
+    def attacked_models(self, defended: Defended, attack: Attack) -> list[nn.Module]:
+        """Every model the attack is run against; the loop keeps each image's worst candidate (default: one)."""
+        return [self.attacked_model(defended, attack)]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -41,22 +45,40 @@ class WhiteBoxAdaptive(ThreatModel):
             unless the attack declares ``eot: logits`` (``attacks.wrappers.EOT``).
         bpda: route gradients of non-differentiable purifiers through BPDA. Turning it off is only
             useful to *demonstrate* gradient masking (the audit's planted-defense test).
+        both_paths: for purifiers that declare ``also_bpda`` (an exact gradient through a long chain,
+            e.g. DiffDefense's unrolled search), attack along the exact gradient *and* identity BPDA and
+            keep, per image, the candidate with the lower accuracy over draws (``evaluation.loop``).
     """
 
     name = "white_box_adaptive"
 
-    def __init__(self, eot_samples: int = 10, bpda: bool = True) -> None:
+    def __init__(self, eot_samples: int = 10, bpda: bool = True, both_paths: bool = True) -> None:
         self.eot_samples = int(eot_samples)
         self.bpda = bpda
+        self.both_paths = both_paths
 
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
-        model: nn.Module = defended
         if self.bpda and not defended.differentiable:
-            approx = getattr(defended.purifier, "bpda_approximation", None)
-            model = Defended(BPDA(defended.purifier, approx), defended.victim, defended.input_shape)
+            return self._with_eot(bpda_defended(defended), defended, attack)
+        return self._with_eot(defended, defended, attack)
+
+    def attacked_models(self, defended: Defended, attack: Attack) -> list[nn.Module]:
+        """The exact-gradient model, and the identity-BPDA one where the purifier asks for both (``also_bpda``)."""
+        models = [self.attacked_model(defended, attack)]
+        if self.both_paths and defended.differentiable and getattr(defended.purifier, "also_bpda", False) and attack.kind != "query":
+            models.append(self._with_eot(bpda_defended(defended), defended, attack))
+        return models
+
+    def _with_eot(self, model: nn.Module, defended: Defended, attack: Attack) -> nn.Module:
         if defended.stochastic and self.eot_samples > 1 and not attack.handles_eot and attack.kind in ("gradient", "minimal"):
             model = EOT(model, self.eot_samples, reduction=attack.eot)
         return model.eval()  # fresh wrappers start in train mode; the attack must see eval mode
+
+
+def bpda_defended(defended: Defended) -> Defended:
+    """``defended`` with its purifier behind BPDA (the purifier's own ``bpda_approximation``, identity by default)."""
+    approx = getattr(defended.purifier, "bpda_approximation", None)
+    return Defended(BPDA(defended.purifier, approx), defended.victim, defended.input_shape)
 
 
 class Oblivious(ThreatModel):

@@ -382,3 +382,17 @@ def test_audit_runs_on_diffdefense(tiny_denoiser, trained_victim, fmnist_test_ba
     assert status["bpda"]["c_full_gradient_beats_bpda_identity"] == "n/a"
     assert status["bpda"]["d_gradient_matches_finite_differences"] == "n/a"
     assert status["exact"]["g_declared_randomness_holds"] == "pass"
+
+
+def test_exact_mode_asks_the_adaptive_attack_for_both_gradient_paths(tiny_denoiser, trained_victim):
+    """Its exact gradient is correct but can be shattered: white_box_adaptive then tries identity BPDA as well."""
+    from attacks.registry import load_attack
+    from evaluation.threats import WhiteBoxAdaptive
+
+    pgd = load_attack("pgd")
+    exact = Defended(_dd(tiny_denoiser, gradient="exact"), trained_victim)
+    bpda = Defended(_dd(tiny_denoiser, gradient="bpda"), trained_victim)
+    assert exact.purifier.also_bpda and not bpda.purifier.also_bpda
+    paths = WhiteBoxAdaptive(2).attacked_models(exact, pgd)
+    assert [type(m.model.purifier).__name__ for m in paths] == ["DiffDefense", "BPDA"]  # each behind loss-EOT
+    assert len(WhiteBoxAdaptive(2).attacked_models(bpda, pgd)) == 1

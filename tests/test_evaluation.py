@@ -8,7 +8,7 @@ import torch
 import torchattacks
 
 from attacks.base import Attack
-from defenses.base import Defended, Identity
+from defenses.base import Defended, Identity, Purifier
 from defenses.bit_depth import BitDepthReduction
 from defenses.gaussian_noise import GaussianNoise
 from evaluation.loop import constraint_violations, evaluate
@@ -279,3 +279,37 @@ def test_attacking_a_fresh_wrapper_leaves_the_victim_in_eval_mode(trained_victim
     x, y = batches[0]
     pgd()(WhiteBoxAdaptive(eot_samples=2).attacked_model(defended, pgd()), x[:4], y[:4])
     assert not any(m.training for m in defended.modules())
+
+
+class ShatteredButHonest(Purifier):
+    """Almost the identity in value; its exact gradient (±30, flipping every 0.001) is useless to an attack.
+
+    It declares ``also_bpda``: the adaptive attack must then try identity BPDA too and keep the worse candidate.
+    """
+
+    also_bpda = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 0.01 * torch.sin(3000 * x)).clamp(0, 1)
+
+
+def test_purifiers_declaring_also_bpda_are_attacked_along_both_paths(trained_victim, batches):
+    defended = Defended(ShatteredButHonest(), trained_victim)
+    threat = WhiteBoxAdaptive(eot_samples=2)
+    models = threat.attacked_models(defended, pgd(0.2))
+    assert len(models) == 2 and type(models[1].purifier).__name__ == "BPDA"
+    assert len(WhiteBoxAdaptive(both_paths=False).attacked_models(defended, pgd(0.2))) == 1
+    assert len(threat.attacked_models(Defended(GaussianNoise(0.1), trained_victim), pgd(0.2))) == 1  # no extra cost
+    small = batches[:2]
+    exact_only = evaluate(defended, small, pgd(0.2), WhiteBoxAdaptive(both_paths=False), progress=False)["robust_acc"]
+    both = evaluate(defended, small, pgd(0.2), threat, progress=False)["robust_acc"]
+    bpda_only = evaluate(Defended(ShatteredButHonestBPDA(), trained_victim), small, pgd(0.2), threat, progress=False)["robust_acc"]
+    assert both <= bpda_only + 1e-9 and both <= exact_only + 1e-9  # per image the worse candidate is kept
+    assert both < exact_only - 10  # the shattered exact gradient alone overstates robustness
+
+
+class ShatteredButHonestBPDA(ShatteredButHonest):
+    """The same function attacked through identity BPDA only."""
+
+    differentiable = False
+    also_bpda = False

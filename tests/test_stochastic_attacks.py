@@ -99,7 +99,21 @@ def test_pick_worst_keeps_the_candidate_with_the_lowest_accuracy_over_draws():
     assert accuracy_over_draws(model, b, y, 4).tolist() == [1.0, 0.25]
     chosen = pick_worst(model, [a, b], y, 4)
     assert torch.equal(chosen[0], a[0]) and torch.equal(chosen[1], b[1])
-    assert torch.equal(pick_worst(model, [a, a.clone()], y, 4), a)  # ties keep the earlier candidate
+    assert torch.equal(pick_worst(model, [a, a.clone()], y, 4), a)  # exact ties keep the earlier candidate
+
+
+def test_pick_worst_breaks_accuracy_ties_by_the_true_class_probability():
+    """Both candidates fool every draw; the one with the lower p(y) is the stronger and is kept."""
+
+    class Linear(nn.Module):
+        def forward(self, x):
+            first = x.flatten(1)[:, :1]
+            return torch.cat([first, 1 - first], 1)  # class 0 logit = first pixel
+
+    y = torch.tensor([0])
+    weak = torch.full((1, 1, 2, 2), 0.45)  # wrong (class 1), p(y) ≈ 0.475
+    strong = torch.full((1, 1, 2, 2), 0.05)  # wrong by a wider margin, p(y) ≈ 0.29
+    assert torch.equal(pick_worst(Linear(), [weak, strong], y, 3), strong)
 
 
 def test_square_gives_every_image_a_candidate_on_a_stochastic_model(noisy, xy, trained_victim):
