@@ -20,8 +20,8 @@ from evaluation.runner import run_evaluation
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
     result = run_evaluation(cfg)
-    if cfg.audit or cfg.get("detection"):
-        return None
+    if cfg.audit or cfg.get("detection") or cfg.get("certify"):
+        return None  # each prints its own summary and writes its own files
     clean = "not scored" if result["clean_acc"] is None else f"{result['clean_acc']:.2f}%"
     print(
         f"{result['dataset']} | {result['victim']} | {result['defense']} | {result['attack']} ({result['threat']}): "

@@ -23,11 +23,14 @@ class Purifier(nn.Module):
     - ``also_bpda``: the exact gradient runs through a long iterative chain (an unrolled optimisation,
       a reverse diffusion) that can be correct yet shattered at the attack's scale → adaptive attacks
       run along both paths, exact and identity BPDA, and keep each image's worse candidate.
+    - ``votes``: > 1 → ``Defended`` classifies by majority vote over that many purifications
+      (DensePure); see ``Defended.vote``.
     """
 
     stochastic: bool = False
     differentiable: bool = True
     also_bpda: bool = False
+    votes: int = 1
 
     def bpda_approximation(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable stand-in used by BPDA on the backward pass (identity by default)."""
@@ -73,4 +76,21 @@ class Defended(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        votes = int(getattr(self.purifier, "votes", 1))
+        if votes > 1:
+            return self.vote(x, votes)
         return self.victim(self.purifier(x))
+
+    def vote(self, x: torch.Tensor, votes: int) -> torch.Tensor:
+        """Majority vote over ``votes`` purifications (DensePure), as logits an attack can use.
+
+        Value: log of the vote shares (plus 1e-3 × the mean softmax, which only breaks ties), so argmax is the
+        majority label. Gradient: that of the log mean softmax over the same passes (a straight-through
+        estimator) — the hard vote's gradient is zero almost everywhere, and an attack must not be handed it.
+        """
+        probs = torch.stack([self.victim(self.purifier(x)).softmax(dim=1) for _ in range(votes)])
+        soft = probs.mean(dim=0)
+        shares = torch.nn.functional.one_hot(probs.argmax(dim=2), probs.shape[2]).to(soft.dtype).mean(dim=0)
+        value = torch.log(shares + 1e-3 * soft.detach())
+        smooth = torch.log(soft.clamp_min(1e-12))
+        return smooth + (value - smooth).detach()

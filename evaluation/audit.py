@@ -14,7 +14,9 @@ a defense that fails one has an evaluation that cannot be trusted until the fail
 (e) stochastic defenses: a frozen-randomness attack is no stronger than EOT;
 (f) adversarial examples are valid (finite, in [0, 1], inside the ε-ball);
 (g) a purifier declared deterministic gives the same output twice;
-(h) every warning of pyautoattack's own checks fails, unless a written exception covers it.
+(h) every warning of pyautoattack's own checks fails, unless a written exception covers it;
+(i) a purifier that can be weakened (``weakened()``: its strength at 0, t* = 0 for a diffusion purifier) then
+    scores as the undefended victim under the same attack, and never above the full defense.
 
 Every tolerance is a binomial confidence interval for the number of images used, at ``confidence``
 (default 95 %), never below one image (0.8 points at 128 images): comparisons of two attacks on the
@@ -165,7 +167,7 @@ def run_audit(
     fd_step: float = 1e-2,
     fd_tol: float = 0.1,
 ) -> dict[str, Any]:
-    """Run checks (a)–(h) on ``(x, y)``; accuracies in %.
+    """Run checks (a)–(i) on ``(x, y)``; accuracies in %.
 
     Args:
         threat: the adaptive threat model under audit (default ``WhiteBoxAdaptive(eot_samples)``);
@@ -185,14 +187,14 @@ def run_audit(
     purifier = defended.purifier
     no_defense = isinstance(purifier, Identity)
 
-    def run(atk: Attack, th: ThreatModel = threat) -> Run:
+    def run(atk: Attack, th: ThreatModel = threat, model: Defended = defended) -> Run:
         """Attack, then score every image over ``n_draws`` purifications: per-image accuracy in [0, 1]."""
-        attacked = th.attacked_model(defended, atk)
+        attacked = th.attacked_model(model, atk)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(seed + 2)
             x_adv = atk(attacked, x, y)
             torch.manual_seed(seed + 1)
-            correct = predict_draws(defended, x_adv, n_draws if defended.stochastic else 1) == y
+            correct = predict_draws(model, x_adv, n_draws if model.stochastic else 1) == y
         return Run(correct.float().mean(0), x_adv)
 
     checks: list[Check] = []
@@ -220,6 +222,9 @@ def run_audit(
     if attack is not None and attack.kind in ("gradient", "query") and attack.bounded:
         configured = run(attack)
         checks.append(_budget_check(attack, configured, threat, defended, run, tol))
+
+    # (i) a weakened defense is weaker: at strength → 0 (t* → 0) it falls to the undefended accuracy.
+    checks.append(_weakened_check(defended, purifier, no_defense, base, run, pgd(eps, steps, norm), tol))
 
     # (c) the full-gradient attack is the strongest; a comparison whose two sides are one model is N/A.
     alternatives: dict[str, tuple[Attack, ThreatModel] | str] = {
@@ -317,6 +322,29 @@ def _budget_check(attack: Attack, own: "Run", threat: WhiteBoxAdaptive, defended
     if not more:
         return Check("b_configured_attack_converged", NA, f"not applicable: {attack.name} has no budget argument to double")
     return _convergence_check("b_configured_attack_converged", attack.name, own, more, tol, two_sided=False)
+
+
+def _weakened_check(defended: Defended, purifier: nn.Module, no_defense: bool, base: "Run", run, atk: Attack, tol) -> Check:
+    """(i) ``purifier.weakened()`` (its strength at 0: t* = 0 for a diffusion purifier) must score as the undefended
+    victim under the same attack, and never above the full defense. A defense whose "robustness" survives its own
+    removal gets it from elsewhere — a broken attack path, a masked gradient — not from the purification."""
+    name = "i_weakened_defense_is_weaker"
+    weaken = getattr(purifier, "weakened", None)
+    if no_defense:
+        return Check(name, NA, "not applicable: no defense")
+    if weaken is None:
+        return Check(name, NA, "not applicable: the purifier declares no weakened() variant (strength → 0)")
+    weak = run(atk, model=Defended(weaken(), defended.victim, defended.input_shape))
+    bare = run(atk, model=Defended(Identity(), defended.victim, defended.input_shape))
+    t_bare, t_full = tol(weak, bare), tol(weak, base)
+    falls = abs(weak.acc - bare.acc) <= t_bare
+    weaker = weak.acc <= base.acc + t_full
+    detail = f"weakened {weak.acc:.1f}% vs undefended {bare.acc:.1f}% (±{t_bare:.1f}) and full defense {base.acc:.1f}%"
+    if not falls:
+        detail += " → the weakened defense does not fall to the undefended accuracy"
+    elif not weaker:
+        detail += " → the weakened defense is more robust than the full one"
+    return _check(name, falls and weaker, detail, {"weakened": weak.acc, "undefended": bare.acc, "full": base.acc, "tol": t_bare})
 
 
 def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,21 @@
 """Figures from a multirun folder's result files (reads files only, never re-runs anything).
 
-    python -m evaluation.plots tstar <multirun dir>       # DiffDefense Fig. 3: accuracy vs T* per attack
+    python -m evaluation.plots tstar <multirun dir>       # accuracy vs T* per attack (DiffDefense Fig. 3, disttrans Fig. 4)
     python -m evaluation.plots detection <multirun dir>   # DiffDefense Fig. 4: ROC curves + AUC table
+    python -m evaluation.plots eps <multirun dir>         # accuracy vs ε (distribution transfer Fig. 3)
+    python -m evaluation.plots certify <multirun dir>     # certified accuracy vs ℓ2 radius, one curve per defense
 
-``tstar`` reads every ``results.json`` (experiment ``diffdefense_tstar``) and writes ``tstar.png`` and
-``tstar.md`` (accuracy per T*, the best T* per attack and for the mean over attacks) into the folder.
+``tstar`` reads every ``results.json`` (experiments ``diffdefense_tstar``, ``disttrans_tstar``) and writes
+``tstar.png`` and ``tstar.md`` (accuracy per T*, the best T* per attack and for the mean over attacks) into the
+folder; one panel per (dataset, split, defense), the y-axis naming the defense. T* is the config's
+``defense.purifier.t_star``, or the result's own ``t_star`` where the config leaves it null (disttrans' ``match_t``).
 ``detection`` reads every ``detection.json`` (experiment ``diffdefense_detection``) and writes
 ``detection.png`` (ROC curves per attack, one curve per T*) and ``detection.md`` (AUC per attack × T*).
+``eps`` reads every ``results.json`` (experiment ``disttrans_eps``) and writes ``eps.png`` (robust accuracy vs ε in
+/255, one line per (defense, victim), worst-of-N dashed for stochastic defenses) and ``eps.md``.
+``certify`` reads every ``certify.json`` (experiment ``disttrans_certify``) and writes ``certify.png`` (the certified
+accuracy curves overlaid) and ``certify.md`` (rows defense, columns radius) — ``certify_overlay.png`` / ``.md``
+when the folder is itself one run (it holds a ``certify.json``, whose own ``certify.png`` is kept).
 Every file is written atomically (temporary file in the same folder, then ``os.replace``).
 """
 from __future__ import annotations
@@ -25,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation.results import write_atomic, write_text_atomic  # noqa: E402
-from evaluation.tables import load_results  # noqa: E402
+from evaluation.tables import is_stochastic, load_results, robust_cell  # noqa: E402
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -42,8 +51,12 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 # -- Fig. 3: accuracy vs T* ---------------------------------------------------------------------
 def _t_star(result: dict[str, Any]) -> int | None:
+    """The config's ``defense.purifier.t_star``; where that is null (distribution transfer matches t* from
+    ``match_t``), the resolved one the run recorded (results.json ``purifier.t_star``; ``t_star`` in older files)."""
     purifier = ((result.get("config") or {}).get("defense") or {}).get("purifier") or {}
-    t = purifier.get("t_star", result.get("t_star"))
+    t = purifier.get("t_star")
+    if t is None:
+        t = (result.get("purifier") or {}).get("t_star", result.get("t_star"))
     return None if t is None else int(t)
 
 
@@ -51,14 +64,17 @@ def _split(result: dict[str, Any]) -> str:
     return str(((result.get("config") or {}).get("dataset") or {}).get("eval_split", "test"))
 
 
-def tstar_curves(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
-    """{(dataset, split): {attack: {T*: robust_acc}}} from results.json dicts that have a T*."""
-    curves: dict[tuple[str, str], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+Curves = dict[tuple[str, str, str], dict[str, dict[int, float]]]
+
+
+def tstar_curves(results: list[dict[str, Any]]) -> Curves:
+    """{(dataset, split, defense): {attack: {T*: robust_acc}}} from results.json dicts that have a T*."""
+    curves: Curves = defaultdict(lambda: defaultdict(dict))
     for r in results:
         t = _t_star(r)
         if t is None or r.get("robust_acc") is None:
             continue
-        curves[(r["dataset"], _split(r))][r["attack"]][t] = float(r["robust_acc"])
+        curves[(r["dataset"], _split(r), str(r.get("defense", "?")))][r["attack"]][t] = float(r["robust_acc"])
     return {k: dict(v) for k, v in curves.items()}
 
 
@@ -74,12 +90,12 @@ def choose_t_star(mean_acc: dict[int, float], tolerance: float = CHOICE_TOLERANC
     return min(t for t, acc in mean_acc.items() if acc >= best - tolerance)
 
 
-def tstar_markdown(curves: dict[tuple[str, str], dict[str, dict[int, float]]]) -> str:
+def tstar_markdown(curves: Curves) -> str:
     """Accuracy per (attack, T*) with the best T* per attack and for the mean over attacks."""
     parts = []
-    for (dataset, split), by_attack in sorted(curves.items()):
+    for (dataset, split, defense), by_attack in sorted(curves.items()):
         ts = sorted({t for c in by_attack.values() for t in c})
-        parts += [f"## {dataset} ({split} split): accuracy % vs T* (attack `none` = clean accuracy)", ""]
+        parts += [f"## {dataset} ({split} split), {defense}: accuracy % vs T* (attack `none` = clean accuracy)", ""]
         parts += ["| attack | " + " | ".join(f"T*={t}" for t in ts) + " | best T* |", "|---" * (len(ts) + 2) + "|"]
         for attack, c in sorted(by_attack.items()):
             best = max(c, key=lambda t: (c[t], -t))
@@ -98,6 +114,10 @@ def tstar_markdown(curves: dict[tuple[str, str], dict[str, dict[int, float]]]) -
     return "\n".join(parts)
 
 
+def tstar_ylabel(defense: str) -> str:
+    return f"accuracy after {defense} (%)"
+
+
 def plot_tstar(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Accuracy vs T* per attack (one panel per dataset/split) → ``<run_dir>/tstar.png`` (+ ``tstar.md``)."""
     run_dir = Path(run_dir)
@@ -110,7 +130,7 @@ def plot_tstar(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for attack, c in sorted(curves[key].items()):
             ts = sorted(c)
             ax.plot(ts, [c[t] for t in ts], marker="o", label=attack)
-        ax.set(title=f"{key[0]} ({key[1]})", xlabel="T* (diffusion steps)", ylabel="accuracy after DiffDefense (%)")
+        ax.set(title=f"{key[0]} ({key[1]})", xlabel="T* (diffusion steps)", ylabel=tstar_ylabel(key[2]))
         ax.set_ylim(0, 100)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -188,14 +208,167 @@ def plot_detection(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+# -- accuracy vs ε (distribution transfer Fig. 3) ------------------------------------------------------
+EpsCurves = dict[tuple[str, str, str, str], dict[tuple[str, str], dict[float, dict[str, Any]]]]
+
+
+def _eps255(result: dict[str, Any]) -> float | None:
+    eps = result.get("eps")
+    return None if eps is None else round(float(eps) * 255, 2)
+
+
+def eps_curves(results: list[dict[str, Any]]) -> EpsCurves:
+    """{(dataset, attack, norm, threat): {(defense, victim): {ε·255: result}}} from results with an ε and a robust_acc."""
+    curves: EpsCurves = defaultdict(lambda: defaultdict(dict))
+    for r in results:
+        e = _eps255(r)
+        if e is None or r.get("robust_acc") is None:
+            continue
+        panel = tuple(str(r.get(k, "?")) for k in ("dataset", "attack", "norm", "threat"))
+        curves[panel][(str(r.get("defense", "?")), str(r.get("victim", "?")))][e] = r
+    return {k: dict(v) for k, v in curves.items()}
+
+
+def eps_markdown(curves: EpsCurves) -> str:
+    """Robust accuracy per (defense, victim) × ε (``mean / worst`` for stochastic defenses, the paper's number in
+    parentheses where the experiment states one)."""
+    parts = []
+    for (dataset, attack, norm, threat), lines in sorted(curves.items()):
+        es = sorted({e for c in lines.values() for e in c})
+        worst = "; stochastic defenses: mean / worst-of-N" if any(is_stochastic(r) for c in lines.values() for r in c.values()) else ""
+        parts += [f"## {dataset}: accuracy % vs ε ({attack}, {norm}, threat {threat}{worst})", ""]
+        parts += ["| defense | victim | " + " | ".join(f"ε={e:g}/255" for e in es) + " |", "|---" * (len(es) + 2) + "|"]
+        for (defense, victim), c in sorted(lines.items()):
+            parts.append(f"| {defense} | {victim} | " + " | ".join(robust_cell(c[e]) if e in c else "" for e in es) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot_eps(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Robust accuracy vs ε·255, one line per (defense, victim), worst-of-N dashed where a defense is stochastic;
+    one panel per (dataset, attack, norm, threat) → ``<run_dir>/eps.png`` (+ ``eps.md``)."""
+    run_dir = Path(run_dir)
+    curves = eps_curves(load_results(run_dir))
+    if not curves:
+        raise FileNotFoundError(f"no results.json with an eps under {run_dir}: run `python evaluate.py -m experiment=disttrans_eps` first")
+    panels = sorted(curves)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for (defense, victim), c in sorted(curves[key].items()):
+            es = sorted(c)
+            (line,) = ax.plot(es, [float(c[e]["robust_acc"]) for e in es], marker="o", label=f"{defense} / {victim}")
+            worst = [e for e in es if c[e].get("robust_acc_worst") is not None]
+            if any(is_stochastic(c[e]) for e in worst):
+                ax.plot(worst, [float(c[e]["robust_acc_worst"]) for e in worst], ls="--", marker=".", color=line.get_color(),
+                        label=f"{defense} / {victim} (worst of {max(int(c[e].get('n_draws') or 1) for e in worst)})")
+        ax.set(title=f"{key[0]}: {key[1]} ({key[2]}, {key[3]})", xlabel="ε (/255)", ylabel="accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    out = Path(out) if out else run_dir / "eps.png"
+    save_figure_atomic(fig, out)
+    write_text_atomic(out.with_suffix(".md"), eps_markdown(curves))
+    return out
+
+
+# -- certified accuracy vs radius (randomized smoothing, evaluation/certify.py) -------------------------
+def load_certificates(run_dir: str | Path) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(Path(run_dir).rglob("certify.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
+    return out
+
+
+def certify_labels(certs: list[dict[str, Any]]) -> list[str]:
+    """One label per certify.json: the defense, plus dataset / victim / training / σ where those differ between files."""
+    varying = [k for k in ("dataset", "victim", "victim_training", "sigma") if len({str(c.get(k)) for c in certs}) > 1]
+    labels: list[str] = []
+    for c in certs:
+        parts = [str(c.get("defense", "smoothed"))] + [f"σ={c.get(k):g}" if k == "sigma" else str(c.get(k)) for k in varying]
+        label = " ".join(parts)
+        labels.append(label if label not in labels else f"{label} #{labels.count(label) + 1}")
+    return labels
+
+
+def _certified_at(cert: dict[str, Any]) -> dict[float, float]:
+    """{radius: certified accuracy in [0, 1]} at the run's radius grid."""
+    return {float(r): float(a) for r, a in zip(cert.get("radius_grid") or [], cert.get("certified_accuracy") or [])}
+
+
+def certify_markdown(certs: list[dict[str, Any]]) -> str:
+    """Certified accuracy % per defense (rows) × ℓ2 radius (columns), then each run's settings."""
+    labels = certify_labels(certs)
+    radii = sorted({r for c in certs for r in _certified_at(c)})
+    name = ((certs[0].get("table") or {}).get("name")) or "Randomized smoothing"
+    lines = [
+        f"## {name}: certified accuracy % at ℓ2 radius r (correct and certified at ≥ r; abstentions count as wrong)",
+        "",
+        "| defense | " + " | ".join(f"r={r:g}" for r in radii) + " |",
+        "|---" * (len(radii) + 1) + "|",
+    ]
+    for label, c in sorted(zip(labels, certs), key=lambda lc: lc[0]):
+        at = _certified_at(c)
+        lines.append(f"| {label} | " + " | ".join(_fmt(100 * at[r]) if r in at else "" for r in radii) + " |")
+    lines.append("")
+    for label, c in sorted(zip(labels, certs), key=lambda lc: lc[0]):
+        settings = ", ".join(f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+                             for k in ("dataset", "victim", "sigma", "n0", "n", "alpha", "n_images") if c.get(k) is not None)
+        cap = c.get("max_certifiable_radius")
+        lines.append(f"- {label}: {settings}" + (f"; no radius beyond {cap:.3f} can be certified at this n, α" if cap is not None else ""))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_certify(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Certified accuracy vs ℓ2 radius of every certify.json under ``run_dir``, one curve each (steps from the per-image
+    radii, dots at the radius grid) → ``<run_dir>/certify.png`` (+ ``certify.md``); ``certify_overlay.png`` (+ ``.md``)
+    when ``run_dir`` itself holds a certify.json, so that run's own certify.png is not overwritten."""
+    run_dir = Path(run_dir)
+    certs = load_certificates(run_dir)
+    if not certs:
+        raise FileNotFoundError(f"no certify.json under {run_dir}: run `python evaluate.py -m experiment=disttrans_certify` first")
+    caps = sorted({float(c["max_certifiable_radius"]) for c in certs if c.get("max_certifiable_radius") is not None})
+    top = max([*(r for c in certs for r in _certified_at(c)), *caps, *(float(i.get("radius", 0.0)) for c in certs for i in c.get("images") or [])],
+              default=1.0) * 1.05 or 1.0
+    fine = [top * i / 399 for i in range(400)]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for label, c in sorted(zip(certify_labels(certs), certs), key=lambda lc: lc[0]):
+        at = _certified_at(c)
+        images = c.get("images") or []
+        if images:
+            ok = [float(i["radius"]) for i in images if int(i["prediction"]) == int(i["label"])]
+            (line,) = ax.plot(fine, [sum(r >= x for r in ok) / len(images) for x in fine], drawstyle="steps-post", label=label)
+            ax.plot(sorted(at), [at[r] for r in sorted(at)], "o", color=line.get_color())
+        else:
+            ax.plot(sorted(at), [at[r] for r in sorted(at)], marker="o", label=label)
+    for cap in caps:
+        if 0 < cap < float("inf"):
+            ax.axvline(cap, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="ℓ2 radius (pixel units, [0, 1] images)", ylabel="certified accuracy", ylim=(-0.02, 1.02), xlim=(0.0, top))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    what = " ".join(sorted({str(c[k]) for c in certs for k in ("dataset", "victim") if c.get(k)}))
+    ax.set_title(f"{what + ': ' if what else ''}randomized smoothing (dotted: max certifiable radius)", fontsize=9)
+    out = Path(out) if out else run_dir / ("certify_overlay.png" if (run_dir / "certify.json").exists() else "certify.png")
+    save_figure_atomic(fig, out)
+    write_text_atomic(out.with_suffix(".md"), certify_markdown(certs))
+    return out
+
+
+FIGURES = {"tstar": plot_tstar, "detection": plot_detection, "eps": plot_eps, "certify": plot_certify}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=("tstar", "detection"))
+    parser.add_argument("figure", choices=tuple(FIGURES))
     parser.add_argument("run_dir", help="multirun folder of the experiment")
     parser.add_argument("--out", default=None, help="PNG path (default: <run_dir>/<figure>.png)")
     args = parser.parse_args(argv)
     try:
-        out = (plot_tstar if args.figure == "tstar" else plot_detection)(args.run_dir, args.out)
+        out = FIGURES[args.figure](args.run_dir, args.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,12 @@
 
 Each sub-folder of the reproduction is one experiment; its section is built from the result files only
 (never re-running anything): a T* sweep (``results.json`` over ≥ 3 values of T*) → the Fig. 3 table and
-``tstar.png``; detection runs (``detection.json``) → the Fig. 4 AUC table and ``detection.png``; an audit
-(``audit.json``) → the audit report; any other ``results.json`` → the grid of robust accuracies with the
-paper's numbers and the table of every metric (``evaluation.tables``).
+``tstar.png``; detection runs (``detection.json``) → the Fig. 4 AUC table and ``detection.png``; certification
+runs (``certify.json``) → the certified-accuracy table and the overlaid curves ``certify.png``; an ε sweep
+(``results.json`` over ≥ 3 values of ε for one defense, victim and attack) → the accuracy-vs-ε table and
+``eps.png``; an audit (``audit.json``) → the audit report; any other ``results.json`` → the grid of robust
+accuracies with the paper's numbers (severity means and ``paper_quoted`` rows included) and the table of every
+metric (``evaluation.tables``).
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import sys
 from pathlib import Path
 
 from evaluation.audit import format_report
-from evaluation.plots import load_detections, plot_detection, plot_tstar, tstar_curves
+from evaluation.plots import eps_curves, load_certificates, load_detections, plot_certify, plot_detection, plot_eps, plot_tstar, tstar_curves
 from evaluation.results import write_text_atomic
 from evaluation.tables import load_results, render
 
 MIN_TSTAR_VALUES = 3
+MIN_EPS_VALUES = 3
 
 
 def section(folder: Path) -> str | None:
@@ -30,12 +34,19 @@ def section(folder: Path) -> str | None:
     if load_detections(folder):
         png = plot_detection(folder)
         return title + png.with_suffix(".md").read_text() + f"\nROC curves: `{png}`\n"
+    if load_certificates(folder):
+        png = plot_certify(folder)
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
     results = load_results(folder)
     if not results:
         return None
     curves = tstar_curves(results)
     if curves and max(len(c) for by_attack in curves.values() for c in by_attack.values()) >= MIN_TSTAR_VALUES:
         png = plot_tstar(folder)
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
+    by_eps = eps_curves(results)
+    if by_eps and max(len(c) for lines in by_eps.values() for c in lines.values()) >= MIN_EPS_VALUES:
+        png = plot_eps(folder)
         return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
     return title + render(folder)
 

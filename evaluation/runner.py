@@ -20,7 +20,8 @@ from evaluation.loop import evaluate
 from evaluation.results import device_name, git_commit, write_csv_atomic, write_json_atomic
 
 #: Config keys that do not change the numbers, left out of the resume-cache key.
-_NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "table", "device", "detection")
+_NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "paper_quoted", "table", "device", "detection",
+                     "certify", "certify_settings")
 
 #: The project root whose packages the source hash covers (the checkout this module was imported from).
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +122,13 @@ def cache_key(
 
 
 def _weights_files(node: Any) -> list[str]:
+    """Every weights file a config loads: ``weights`` keys, and the weights inside a pretrained model's
+    ``directory`` (a local diffusers folder), so replacing either invalidates the cached batches."""
     if isinstance(node, dict):
         found = [v for k, v in node.items() if k == "weights" and isinstance(v, str) and Path(v).is_file()]
+        for k, v in node.items():
+            if k == "directory" and isinstance(v, str) and Path(v).is_dir():
+                found += sorted(str(p) for p in Path(v).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json"))
         return found + [f for v in node.values() for f in _weights_files(v)]
     if isinstance(node, list):
         return [f for v in node for f in _weights_files(v)]
@@ -167,6 +173,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     threat = instantiate(cfg.threat.model)
     if cfg.audit:
         return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
+    # --- certify=true: randomized-smoothing certification (evaluation/certify.py) instead of an attack ---------
+    if cfg.get("certify"):
+        return run_certification_from_config(cfg, defended, datamodule, device, out_dir)
+    # --- end certify -----------------------------------------------------------------------------------------
     # Adversarial batches of defense-independent threats (oblivious, transfer), shared across defenses.
     adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'), device=device)}" if cfg.eval.resume else None
     if cfg.get("detection"):
@@ -207,15 +217,28 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     result = {
         **run_metadata(cfg, device),
         **metrics,
+        "purifier": purifier_settings(defended.purifier),
         "cache_file": str(cache_file) if cache_file else None,
     }
     if cfg.eval.get("time_purifier"):
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
         result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
     write_json_atomic(out_dir / "results.json", result)
-    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance")}])
+    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance", "purifier")}])
     log_summary(cfg, result)
     return result
+
+
+#: Purifier attributes resolved at construction (t* matched from another schedule, votes …) that results record.
+PURIFIER_SETTINGS = ("t_star", "sampler", "reverse_steps", "votes", "variant", "scale", "phi", "gradient", "sigma")
+
+
+def purifier_settings(purifier: torch.nn.Module) -> dict[str, Any]:
+    """The purifier's resolved settings (config values may be null and resolved at construction, e.g. the t* that
+    matches the authors' 470/4000 cosine), plus its class and flags, for results.json and the plots."""
+    found = {k: getattr(purifier, k) for k in PURIFIER_SETTINGS if isinstance(getattr(purifier, k, None), (int, float, str))}
+    return {"class": type(purifier).__name__, "stochastic": bool(getattr(purifier, "stochastic", False)),
+            "differentiable": bool(getattr(purifier, "differentiable", True)), **found}
 
 
 def check_threat_model(attack: Attack, metrics: dict[str, Any]) -> None:
@@ -268,6 +291,32 @@ def time_purifier(purifier: torch.nn.Module, datamodule, device: torch.device, b
         "purify_batch_size": int(x.shape[0]),
         "purify_bs1_images": n,
     }
+
+
+# --- certify=true (evaluation/certify.py) ---------------------------------------------------------------------
+def run_certification_from_config(cfg: DictConfig, defended: Defended, datamodule, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """``certify.json`` + ``certify.png`` for ``cfg.certify_settings``; resumes per image from the eval cache.
+
+    The cache file is keyed by the config (attack, threat and eval left out: certification uses none of them) and,
+    separately, by the settings that change the samples — σ, n0, n, α, batch size — but not n_images or the radius
+    grid, so certifying more images or reading other radii reuses every finished image.
+    """
+    from evaluation.certify import run_certification
+
+    s = cfg.certify_settings
+    cache_file = None
+    if cfg.eval.resume:
+        sampled = {k: OmegaConf.to_container(s, resolve=True)[k] for k in ("sigma", "n0", "n", "alpha", "batch_size")}
+        settings = hashlib.sha256(json.dumps(sampled, sort_keys=True).encode()).hexdigest()[:8]
+        key = cache_key(cfg, ignore=("attack", "threat", "eval"), device=device)
+        cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{key}-certify-{settings}.jsonl"
+    return run_certification(
+        defended, datamodule, sigma=s.sigma, n0=s.n0, n=s.n, alpha=s.alpha, batch_size=s.batch_size,
+        n_images=s.n_images, radius_grid=list(s.radius_grid), seed=cfg.seed, device=device, out_dir=out_dir,
+        extra={**run_metadata(cfg, device), "cache_file": str(cache_file) if cache_file else None},
+        num_classes=cfg.dataset.num_classes, cache_file=cache_file, progress=cfg.eval.progress,
+    )
+# --- end certify -----------------------------------------------------------------------------------------------
 
 
 def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir: Path) -> dict[str, Any]:

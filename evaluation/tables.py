@@ -5,11 +5,21 @@ on another machine or in Slurm shards. Each cell is our robust accuracy, with th
 beside it where the experiment config states one (``paper: {row: {column: value}}``). A stochastic defense
 (scored over ``n_draws`` > 1 purifications) shows ``mean / worst``: the mean over draws is what papers report,
 the worst case (correct on every draw) is what an attacker who may retry gets, and both belong in view.
+
+Two kinds of rows are added to the grid besides one per run:
+
+* ``<prefix> mean``: where table rows end in `` s<k>`` (a corruption severity k = 1…5, experiment
+  ``disttrans_table3``), the mean over the severities that ran, per column, with ``(k/5 severities)`` when fewer
+  than five did; the paper's number is looked up at ``paper["<prefix> mean"][column]`` of the run's config.
+* ``<row> (quoted)``: the experiment's ``paper_quoted: {row: {column: value}}`` (rows of the paper's table this
+  framework does not run, read from the resolved ``config`` in results.json), shown as ``– (paper)``: nothing of
+  ours, the paper's number in parentheses.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +29,11 @@ from evaluation.results import write_text_atomic
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images", "images_per_s", "seconds")
 #: Shown only when some run has them (eval.time_purifier=true), with 4 significant digits.
 TIMING_COLUMNS = ("purify_s_per_image_batched", "purify_s_per_image_bs1", "paper_purify_s_per_image")
+#: A table row that is one corruption severity: ``<prefix> s<k>``, k = 1 … N_SEVERITIES (disttrans_table3).
+SEVERITY_ROW = re.compile(r"^(?P<prefix>.+) s(?P<k>[1-5])$")
+N_SEVERITIES = 5
+#: Appended to the label of a row whose numbers are the paper's only (``paper_quoted``), never ours.
+QUOTED_SUFFIX = " (quoted)"
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -56,23 +71,106 @@ def robust_cell(result: dict[str, Any]) -> str:
     return value
 
 
+def _labels(result: dict[str, Any]) -> tuple[str, str, str]:
+    """(row as the experiment labels it, the ``[threat]`` suffix the grid adds to it or "", column)."""
+    t = result.get("table") or {}
+    row, col = str(t.get("row", result["defense"])), str(t.get("column", result["attack"]))
+    suffix = f" [{result['threat']}]" if "threat" not in (t.get("row_includes") or "threat") else ""
+    return row, suffix, col
+
+
+def _config_paper(result: dict[str, Any], key: str = "paper") -> dict[str, Any]:
+    """``config[key]`` of a result (the experiment's ``paper`` / ``paper_quoted`` block), {} when absent."""
+    block = (result.get("config") or {}).get(key)
+    return block if isinstance(block, dict) else {}
+
+
+def paper_quoted(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The union of the runs' ``config["paper_quoted"]`` blocks, {row: {column: paper value}}, first seen wins."""
+    quoted: dict[str, dict[str, Any]] = {}
+    for r in results:
+        for row, by_col in _config_paper(r, "paper_quoted").items():
+            if isinstance(by_col, dict):
+                target = quoted.setdefault(str(row), {})
+                for col, value in by_col.items():
+                    target.setdefault(str(col), value)
+    return quoted
+
+
+def severity_mean_cell(by_severity: dict[int, dict[str, Any]], paper: Any = None) -> str:
+    """``mean [/ mean worst] [(k/5 severities)] [(paper)]`` over the results of one (row prefix, column)."""
+    runs = [r for _, r in sorted(by_severity.items()) if r.get("robust_acc") is not None]
+    if not runs:
+        return ""
+    value = _fmt(sum(float(r["robust_acc"]) for r in runs) / len(runs))
+    if any(map(is_stochastic, runs)) and all(r.get("robust_acc_worst") is not None for r in runs):
+        value += f" / {_fmt(sum(float(r['robust_acc_worst']) for r in runs) / len(runs))}"
+    if len(runs) < N_SEVERITIES:
+        value += f" ({len(runs)}/{N_SEVERITIES} severities)"
+    if paper is not None:
+        value += f" ({_fmt(float(paper))})"
+    return value
+
+
 def grid_table(results: list[dict[str, Any]]) -> str:
     """Rows × columns of robust accuracy ``ours (paper)`` (``mean / worst (paper)`` for stochastic defenses),
-    grouped by the experiment's labels."""
+    grouped by the experiment's labels; then a ``<prefix> mean`` row after each group of severity rows, and the
+    experiment's ``paper_quoted`` rows last (see the module docstring)."""
     rows: list[str] = []
     cols: list[str] = []
     cells: dict[tuple[str, str], str] = {}
+    # (prefix, threat suffix) → {column: {severity: result}}; row label → ((prefix, suffix), severity)
+    groups: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = {}
+    severity_of: dict[str, tuple[tuple[str, str], int]] = {}
     for r in results:
-        t = r.get("table") or {}
-        row, col = str(t.get("row", r["defense"])), str(t.get("column", r["attack"]))
-        row = f"{row} [{r['threat']}]" if "threat" not in (t.get("row_includes") or "threat") else row
+        raw, suffix, col = _labels(r)
+        row = raw + suffix
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
         cells[(row, col)] = robust_cell(r)
+        m = SEVERITY_ROW.match(raw)
+        if m:
+            key = (m["prefix"], suffix)
+            groups.setdefault(key, {}).setdefault(col, {})[int(m["k"])] = r
+            severity_of[row] = (key, int(m["k"]))
+    if groups:
+        ordered: list[str] = []
+        for row in rows:
+            if row not in severity_of:
+                ordered.append(row)
+                continue
+            key = severity_of[row][0]
+            mean_row = f"{key[0]} mean{key[1]}"
+            if mean_row in ordered:
+                continue
+            ordered += [label for label, _ in sorted(((lb, k) for lb, (g, k) in severity_of.items() if g == key), key=lambda x: x[1])]
+            ordered.append(mean_row)
+            for col, by_severity in groups[key].items():
+                paper_row = next((_config_paper(r).get(f"{key[0]} mean") for r in by_severity.values() if _config_paper(r)), None) or {}
+                cells[(mean_row, col)] = severity_mean_cell(by_severity, paper_row.get(col) if isinstance(paper_row, dict) else None)
+        rows = ordered
+    for row, by_col in paper_quoted(results).items():
+        label = row + QUOTED_SUFFIX
+        quoted = {c: f"– ({_fmt(float(by_col[c]))})" for c in cols if by_col.get(c) is not None}
+        if quoted and label not in rows:
+            rows.append(label)
+            cells.update({(label, c): v for c, v in quoted.items()})
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row} | " + " | ".join(cells.get((row, c), "") for c in cols) + " |")
     return "\n".join(lines)
+
+
+def grid_notes(results: list[dict[str, Any]]) -> list[str]:
+    """Lines explaining the grid's added rows, when it has any."""
+    notes = []
+    if any(SEVERITY_ROW.match(_labels(r)[0]) for r in results):
+        notes.append(f"Rows `… mean`: the mean over corruption severities 1–{N_SEVERITIES} of the `… s<k>` rows above it "
+                     f"(`(k/{N_SEVERITIES} severities)` when only k ran); the paper's number is the one it states at the mean.")
+    if any(paper_quoted(results).values()):
+        notes.append("Rows `… (quoted)`: rows of the paper's table this framework does not run (`paper_quoted`); "
+                     "`–` = not run here, the paper's number in parentheses.")
+    return notes
 
 
 def long_table(results: list[dict[str, Any]]) -> str:
@@ -97,6 +195,7 @@ def render(run_dir: str | Path) -> str:
         "",
         grid_table(results),
         "",
+        *(line for note in grid_notes(results) for line in (note, "")),
         "## All metrics",
         "",
         long_table(results),

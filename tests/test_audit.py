@@ -7,7 +7,8 @@ pyautoattack's warnings printed but not counted):
 - vanishing gradients (a steep sigmoid declared differentiable),
 - shattered gradients (x + 0.01·sin(3000x), declared differentiable),
 - randomness declared deterministic (Gaussian noise with stochastic=False),
-- an attack that has not converged (a configured PGD whose steps × α is 0.2 ε).
+- an attack that has not converged (a configured PGD whose steps × α is 0.2 ε),
+- robustness that survives the defense's own removal (a masked quantiser whose weakened() still quantises).
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def test_audit_passes_an_honest_model(trained_victim, xy):
     assert status["c_full_gradient_beats_bpda_identity"] == "n/a"
     assert status["c_full_gradient_beats_transfer"] == "n/a"
     assert status["d_gradient_matches_finite_differences"] == "pass"
+    assert status["i_weakened_defense_is_weaker"] == "n/a"
     assert "[N/A]" in format_report(report)
 
 
@@ -85,6 +87,7 @@ def test_audit_passes_gaussian_noise(trained_victim, xy):
     status = _status(report)
     assert status["d_eot_samples_suffice"] == "pass" and status["e_frozen_randomness_not_stronger"] == "pass"
     assert status["h_autoattack_checks"] == "pass" and report["autoattack_warnings"]  # the randomness warning, explained
+    assert status["i_weakened_defense_is_weaker"] == "pass"  # σ → 0 falls to the undefended accuracy
 
 
 def test_audit_passes_bit_depth_with_bpda_and_calls_the_self_comparison_not_applicable(trained_victim, xy):
@@ -133,3 +136,19 @@ def test_audit_fails_an_attack_that_has_not_converged(trained_victim, fmnist_tes
     check = next(c for c in report["checks"] if c["name"] == "b_configured_attack_converged")
     assert check["status"] == "fail", format_report(report)
     assert check["values"]["robust_2x_budget"] < check["values"]["robust"] - check["values"]["tol_2x_budget"]
+
+
+
+class MaskedEvenWhenWeakened(BitDepthReduction):
+    """Planted: a 1-bit quantiser declared differentiable (zero gradients) whose weakened() keeps quantising —
+    its robustness survives the removal of its 'purification' strength."""
+
+    differentiable = True
+
+    def weakened(self):
+        return self
+
+
+def test_weakened_check_fails_a_defense_whose_robustness_survives_its_removal(trained_victim, xy):
+    status = _status(run_audit(Defended(MaskedEvenWhenWeakened(bits=1), trained_victim), *xy, **FAST))
+    assert status["i_weakened_defense_is_weaker"] == "fail"

@@ -49,7 +49,10 @@ def test_attack_configs(compose, name):
 @pytest.mark.parametrize("name", group_options("defense"))
 def test_defense_configs(compose, name):
     node = compose("evaluate", [f"defense={name}"]).defense.purifier
-    purifier = instantiate(node, **({"weights": None} if "weights" in node else {}))  # no trained weights in tests
+    no_weights = {"weights": None} if "weights" in node else {}  # no trained weights in tests
+    if node.get("classifier") is not None:  # a defense holding the protected model (distribution transfer)
+        no_weights["classifier"] = {"weights": None}
+    purifier = instantiate(node, **no_weights)
     assert isinstance(purifier.stochastic, bool) and isinstance(purifier.differentiable, bool)
 
 

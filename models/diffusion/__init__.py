@@ -1,6 +1,6 @@
 """The diffusion denoiser and DDPM schedule/sampler shared by every diffusion defense
-(DiffDefense now; DiffPure, DensePure, distribution transfer and RAP later)."""
+(DiffDefense, DiffPure, DensePure, distribution transfer; RAP later)."""
 from models.diffusion.schedule import DiffusionSchedule, to_image_space, to_model_space
-from models.diffusion.unet import DiffDefenseUNet, sinusoidal_embedding
+from models.diffusion.unet import DDPMUNet, DiffDefenseUNet, sinusoidal_embedding
 
-__all__ = ["DiffusionSchedule", "DiffDefenseUNet", "sinusoidal_embedding", "to_image_space", "to_model_space"]
+__all__ = ["DiffusionSchedule", "DDPMUNet", "DiffDefenseUNet", "sinusoidal_embedding", "to_image_space", "to_model_space"]

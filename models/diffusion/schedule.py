@@ -24,13 +24,16 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 #: ``eps_model(x_t, t) -> ε̂`` with ``t`` a LongTensor (N,): any denoiser of ``models.diffusion``.
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``guidance(x_t, pred_x0, t_model, create_graph) -> g``: the guidance term of a reverse step (see ``p_sample``).
+Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 #: ``noise_fn(x_t, i) -> z`` gives the Gaussian noise of the reverse step from ``i`` (an int) to ``i − 1``.
 NoiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -103,12 +106,18 @@ class DiffusionSchedule(nn.Module):
             raise ValueError(f"unknown schedule kind {kind!r}: use 'linear' or 'cosine'")
         if variance not in ("beta", "posterior"):
             raise ValueError(f"unknown variance {variance!r}: use 'beta' (σ²=β_t) or 'posterior' (σ²=β̃_t)")
-        self.num_steps = int(num_steps)
         self.kind = kind
         self.variance = variance
+        self._register(betas, torch.arange(num_steps))
 
+    def _register(self, betas: torch.Tensor, timestep_map: torch.Tensor) -> None:
+        """Precompute every buffer from float64 ``betas``; ``timestep_map[i]`` is the trained model's time index
+        of this schedule's step ``i`` (the identity, except for a ``respace``d schedule)."""
+        num_steps = betas.shape[0]
+        self.num_steps = int(num_steps)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
+        self._alphas_cumprod64 = alphas_cumprod  # float64 copy for respacing and ᾱ matching (not a buffer)
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # β̃_0 = 0: clip the log at β̃_1 (as Ho et al.'s code), for a finite log-variance everywhere.
@@ -132,6 +141,46 @@ class DiffusionSchedule(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.to(torch.float32), persistent=False)
+        self.register_buffer("timestep_map", timestep_map.to(torch.long), persistent=False)
+
+    # -- respacing and noise-level matching -------------------------------------------------------
+    def respace(self, timesteps: "Sequence[int] | torch.Tensor") -> "DiffusionSchedule":
+        """The schedule restricted to the increasing steps ``timesteps`` of this one (Nichol & Dhariwal 2021,
+        §4; DDIM's "skipping"): ᾱ is kept at those steps and β_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}} (ᾱ_{τ_{−1}} = 1), so
+        q(x_{τ_i} | x_0) is unchanged, and every sampler calls the trained model with time ``τ_i``
+        (``timestep_map``). Variance ``"posterior"`` then gives the β̃ of the coarse chain (DiffDefense's authors'
+        ``stepDDIM`` with η = 1); ``"beta"`` the coarse β."""
+        taus = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps, dtype=torch.long)
+        if taus.ndim != 1 or taus.numel() < 1:
+            raise ValueError("respace needs a non-empty 1-d list of steps")
+        if bool((taus[1:] <= taus[:-1]).any()) or int(taus[0]) < 0 or int(taus[-1]) >= self.num_steps:
+            raise ValueError(f"respace steps must increase strictly within [0, {self.num_steps - 1}], got {taus.tolist()}")
+        ac = self._alphas_cumprod64[taus]
+        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        new = DiffusionSchedule.__new__(DiffusionSchedule)
+        nn.Module.__init__(new)
+        new.kind = f"{self.kind}-respaced"
+        new.variance = self.variance
+        new._register(1.0 - ac / ac_prev, self.timestep_map.cpu()[taus])
+        return new.to(self.betas.device)
+
+    def match_step(self, alpha_bar: float) -> int:
+        """The step whose ᾱ_t is closest to ``alpha_bar`` (in log SNR), e.g. to state what "t = 470 of a 4000-step
+        cosine schedule" is on a 1000-step linear model: ``linear.match_step(cosine.alphas_cumprod[469])``."""
+        if not 0.0 < alpha_bar < 1.0:
+            raise ValueError(f"alpha_bar must be in (0, 1), got {alpha_bar}")
+        ac = self._alphas_cumprod64
+        log_snr = (ac / (1 - ac)).log()
+        target = math.log(alpha_bar / (1 - alpha_bar))
+        return int((log_snr - target).abs().argmin())
+
+    def step_for_sigma(self, sigma: float) -> int:
+        """The step whose noise matches additive Gaussian noise of std ``sigma`` on images in [0, 1]
+        (Carlini et al. 2022 / DensePure): x_t/√ᾱ_t = x_0 + √((1−ᾱ_t)/ᾱ_t) ε in model space [−1, 1], where the
+        image noise is 2σ, so the step has (1 − ᾱ_t)/ᾱ_t = (2σ)², i.e. ᾱ_t = 1/(1 + 4σ²)."""
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        return self.match_step(1.0 / (1.0 + 4.0 * sigma**2))
 
     def extra_repr(self) -> str:
         b = self.betas
@@ -149,6 +198,14 @@ class DiffusionSchedule(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}")
         return t
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The trained model's time index of this schedule's steps ``t`` (identity unless ``respace``d)."""
+        return self.timestep_map.to(t.device)[t]
+
+    def eps(self, eps_model: EpsModel, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε_θ(x_t, t), called with the model's own time index (``model_time``)."""
+        return eps_model(x_t, self.model_time(self._t(t, x_t)))
 
     def _gather(self, buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``buf[t]`` reshaped to broadcast over ``x`` (N, 1, 1, …), on x's device and in x's dtype."""
@@ -189,7 +246,7 @@ class DiffusionSchedule(nn.Module):
         and ``eps``. With ``clip_x0`` the predicted x̂_0 is clamped to [−1, 1] first (as Ho et al.'s
         sampler); without it the mean equals Eq. 11 exactly."""
         t = self._t(t, x_t)
-        eps = eps_model(x_t, t)
+        eps = self.eps(eps_model, x_t, t)
         pred_x0 = self.predict_x0(x_t, t, eps)
         if clip_x0:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
@@ -207,6 +264,7 @@ class DiffusionSchedule(nn.Module):
         t: torch.Tensor | int,
         noise: torch.Tensor | None = None,
         clip_x0: bool = False,
+        guidance: Guidance | None = None,
     ) -> torch.Tensor:
         """One reverse step x_t → x_{t−1} (Ho et al. Eq. 11 / Alg. 2; DiffDefense Eq. 2 read as this):
 
@@ -214,12 +272,34 @@ class DiffusionSchedule(nn.Module):
 
         ``clip_x0=True`` uses the mean of clamped x̂_0 instead (identical when x̂_0 ∈ [−1, 1]); the default
         is the unclipped Eq. 11, which keeps gradients everywhere. ``noise`` fixes z (e.g. for EOT or tests).
+
+        ``guidance(x_t, pred_x0, t_model, create_graph) -> g`` (Dhariwal & Nichol 2021, Alg. 1) shifts the mean
+        to μ + σ_t² g, where g is ∇_{x_t} log p(y | x_t) — a guided defense returns −s ∇_{x_t} D. ``pred_x0`` is
+        x̂_0(x_t) as a differentiable function of the ``x_t`` handed over, so g may differentiate through ε_θ.
+        When the caller's graph needs gradients (an attack through the chain) ``create_graph`` is True and g
+        stays in the graph (double backprop); otherwise g is computed on a detached copy and detached.
         """
         t = self._t(t, x_t)
-        if clip_x0:
+        if guidance is not None:
+            create_graph = torch.is_grad_enabled() and x_t.requires_grad
+            with torch.enable_grad():
+                xt = x_t if create_graph else x_t.detach().requires_grad_(True)
+                eps = self.eps(eps_model, xt, t)
+                pred_x0 = self.predict_x0(xt, t, eps)
+                if clip_x0:
+                    pred_x0 = pred_x0.clamp(-1.0, 1.0)
+                shift = guidance(xt, pred_x0, self.model_time(t), create_graph)
+            if not create_graph:
+                eps, pred_x0, shift = eps.detach(), pred_x0.detach(), shift.detach()
+            if clip_x0:
+                mean, _, _ = self.posterior_mean_variance(pred_x0, x_t, t)
+            else:
+                mean = self._gather(self.sqrt_recip_alphas, t, x_t) * (x_t - self._gather(self.eps_coef, t, x_t) * eps)
+            mean = mean + self.model_variance(t, x_t) * shift
+        elif clip_x0:
             mean = self.p_mean_variance(eps_model, x_t, t, clip_x0=True)["mean"]
         else:
-            eps = eps_model(x_t, t)
+            eps = self.eps(eps_model, x_t, t)
             mean = self._gather(self.sqrt_recip_alphas, t, x_t) * (x_t - self._gather(self.eps_coef, t, x_t) * eps)
         if noise is None:
             noise = torch.randn_like(x_t)
@@ -233,6 +313,8 @@ class DiffusionSchedule(nn.Module):
         t_start: int | None = None,
         noise_fn: NoiseFn | None = None,
         clip_x0: bool = False,
+        guidance: Guidance | None = None,
+        checkpoint: bool = False,
     ) -> torch.Tensor:
         """Run the reverse process from ``x_T`` through steps ``t_start − 1, …, 0`` and return x_0.
 
@@ -241,6 +323,9 @@ class DiffusionSchedule(nn.Module):
         diffused image ``q_sample(x0, T* − 1)`` for DiffPure). ``t_start = 0`` returns ``x_T`` unchanged.
         ``noise_fn(x_t, i)`` supplies the noise of step ``i`` (default: fresh ``randn_like``).
         Differentiable end to end (no ``no_grad`` inside): wrap in ``torch.no_grad()`` to just sample.
+        ``checkpoint``: when gradients flow, recompute each step on the backward pass instead of storing its
+        activations (``torch.utils.checkpoint``, non-reentrant; the step's noise is drawn outside the
+        recomputed function, so the recomputation is the same step): memory of one step for any chain length.
         """
         t_start = self.num_steps if t_start is None else int(t_start)
         if not 0 <= t_start <= self.num_steps:
@@ -248,8 +333,13 @@ class DiffusionSchedule(nn.Module):
         x = x_T
         for i in reversed(range(t_start)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            noise = noise_fn(x, i) if noise_fn is not None else None
-            x = self.p_sample(eps_model, x, t, noise=noise, clip_x0=clip_x0)
+            noise = noise_fn(x, i) if noise_fn is not None else torch.randn_like(x)
+            if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+                x = torch.utils.checkpoint.checkpoint(
+                    self.p_sample, eps_model, x, t, noise, clip_x0, guidance, use_reentrant=False
+                )
+            else:
+                x = self.p_sample(eps_model, x, t, noise=noise, clip_x0=clip_x0, guidance=guidance)
         return x
 
     def ddim_step(
@@ -267,7 +357,7 @@ class DiffusionSchedule(nn.Module):
         ``t_prev = t − 1`` is the DDPM step with σ_t² = β̃_t."""
         t = self._t(t, x_t)
         t_prev = self._t(t_prev, x_t)
-        eps = eps_model(x_t, t)
+        eps = self.eps(eps_model, x_t, t)
         pred_x0 = self.predict_x0(x_t, t, eps)
         if clip_x0:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)

@@ -1,8 +1,9 @@
 """Noise-prediction U-Nets ``forward(x_t, t) -> ε̂`` (same shape as ``x_t``; ``t`` a LongTensor (N,)).
 
-``DiffDefenseUNet`` is the small U-Net of DiffDefense (Silva et al. 2023, §3.1) for MNIST-sized images.
-The CIFAR-scale DDPM U-Net of later issues goes in this file as a second class with the same interface,
-so the two swap through the ``denoiser`` config group.
+``DiffDefenseUNet`` is the small U-Net of DiffDefense (Silva et al. 2023, §3.1) for MNIST-sized images;
+``DDPMUNet`` is Ho et al.'s CIFAR-10 U-Net (diffusers' ``UNet2DModel``, ≈ 35.7 M parameters in the
+``google/ddpm-cifar10-32`` configuration), used by DiffPure, DensePure and distribution transfer. Both have
+the same interface, so they swap through the ``denoiser`` config group.
 """
 from __future__ import annotations
 
@@ -139,3 +140,56 @@ class DiffDefenseUNet(nn.Module):
             for block in blocks:
                 h = block(h, temb)
         return self.head(h)
+
+
+class DDPMUNet(nn.Module):
+    """Ho et al.'s (2020) ε-prediction U-Net, built by ``diffusers.UNet2DModel`` — ``forward(x_t, t) -> ε̂``.
+
+    Why a wrapper: diffusers returns a ``UNet2DOutput`` and accepts float/int timesteps; every sampler of
+    ``models.diffusion.schedule`` calls ``eps_model(x_t, t)`` with a LongTensor ``t`` and wants a tensor back.
+    The keyword arguments go to ``UNet2DModel`` unchanged, so a ``config.json`` of a diffusers model
+    directory (``models.diffusion.pretrained``) builds the same network. The defaults are the
+    ``google/ddpm-cifar10-32`` configuration (block widths 128/256/256/256, two ResNet blocks per level,
+    self-attention at 16×16, dropout 0.1, GroupNorm 32).
+
+    ``image_size`` (checked against inputs) documents the resolution the weights were trained for.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int | None = 32,
+        block_out_channels: Sequence[int] = (128, 256, 256, 256),
+        layers_per_block: int = 2,
+        down_block_types: Sequence[str] = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types: Sequence[str] = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout: float = 0.1,
+        norm_num_groups: int = 32,
+        **unet_kwargs,
+    ) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel  # imported here: only the CIFAR-scale defenses need diffusers
+
+        self.in_channels = int(in_channels)
+        self.image_size = image_size
+        self.net = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=unet_kwargs.pop("out_channels", in_channels),
+            block_out_channels=tuple(int(c) for c in block_out_channels),
+            layers_per_block=int(layers_per_block),
+            down_block_types=tuple(down_block_types),
+            up_block_types=tuple(up_block_types),
+            dropout=float(dropout),
+            norm_num_groups=int(norm_num_groups),
+            **unet_kwargs,
+        )
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got input {tuple(x.shape)}")
+        if self.image_size is not None and x.shape[-1] != self.image_size:
+            raise ValueError(f"{type(self).__name__} was built for {self.image_size}px images, got input {tuple(x.shape)}")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.net(x, t).sample
