@@ -48,6 +48,10 @@ class Attack:
         eot: how the threat model's ``EOT`` averages draws for this attack: ``loss`` (default: the
             attack follows the gradient of the expected loss) or ``logits`` / ``probs`` (for the
             linearising attacks that evaluate subsets of their batch, DeepFool and FAB).
+        outside_threat_model: the attack is *declared* to leave the [0, 1] image box (a paper-protocol preset
+            such as ``fgsm_unclipped``, the DiffDefense authors' FGSM). The evaluation then records its box
+            violations loudly in results.json instead of refusing to write results; it still refuses ε-ball
+            violations (``evaluation.runner.check_threat_model``). Default ``False``: every violation is an error.
 
     Example:
         >>> atk = Attack("pgd", functools.partial(torchattacks.PGD, eps=0.3, alpha=0.01, steps=20), "Linf", 0.3)
@@ -63,6 +67,7 @@ class Attack:
         kind: str = "gradient",
         handles_eot: bool = False,
         eot: str = "loss",
+        outside_threat_model: bool = False,
     ) -> None:
         if norm not in NORMS:
             raise ValueError(f"attack {name!r}: unknown norm {norm!r}; valid: {', '.join(NORMS)}")
@@ -77,6 +82,7 @@ class Attack:
             raise ValueError(f"attack {name!r}: unknown eot {eot!r}; valid: {', '.join(REDUCTIONS)}")
         self.handles_eot = handles_eot
         self.eot = eot
+        self.outside_threat_model = bool(outside_threat_model)
         warn_if_cannot_reach_eps(self)
 
     @property
@@ -152,3 +158,41 @@ def check_images(x: torch.Tensor) -> None:
         raise ValueError(
             f"input images must lie in [0, 1] (normalisation belongs inside the victim); got range [{lo:.3f}, {hi:.3f}]"
         )
+
+
+class UnclippedFGSM:
+    """``model -> callable(x, y)``: the DiffDefense authors' FGSM, cleverhans' ``fast_gradient_method(model, x,
+    eps=0.3, norm=np.inf)`` as ``attackpipeline.FGSM_Attack_CH`` calls it — x* = x + ε·sign(∇_x CE(model(x), ŷ)),
+    **not clipped to [0, 1]** (cleverhans clips only when given ``clip_min``/``clip_max``; they gave neither), so
+    x* lies in [−ε, 1 + ε]. That is outside every threat model here: its config declares
+    ``outside_threat_model: true``, and results.json records the violations (``evaluation.runner.check_threat_model``).
+
+    Args:
+        eps: L∞ step.
+        labels: ``"predicted"`` (cleverhans without ``y``, as the authors: ŷ = argmax model(x), "to avoid label
+            leaking") or ``"true"`` (ŷ = y, as torchattacks' FGSM).
+        train_mode: run the model in training mode for the predictions and the gradient (dropout on). The authors'
+            classifiers were never put in eval mode before this attack (``getClassifier`` only loads the state
+            dict), so their FGSM ran with dropout on; ``False`` (default) attacks the model as every attack here does.
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 0.3, labels: str = "predicted", train_mode: bool = False) -> None:
+        if labels not in ("predicted", "true"):
+            raise ValueError(f"labels must be 'predicted' or 'true', got {labels!r}")
+        self.model, self.eps, self.labels, self.train_mode = model, float(eps), labels, bool(train_mode)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            if self.train_mode:
+                self.model.train()
+            x = x.clone().detach().requires_grad_(True)
+            if self.labels == "predicted":
+                with torch.no_grad():
+                    y = self.model(x).argmax(1)
+            loss = torch.nn.functional.cross_entropy(self.model(x), y)
+            (grad,) = torch.autograd.grad(loss, x)
+        finally:
+            for m, training in modes:
+                m.training = training
+        return (x + self.eps * grad.sign()).detach()

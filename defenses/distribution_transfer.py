@@ -120,6 +120,8 @@ class DistributionTransfer(DiffPure):
         if self.scale and self.sampler == "one_shot":
             raise ValueError("the one-shot sampler returns x̂_0 before any guided step: use sampler=ddpm or scale=0")
         self.classifier = None if classifier is None else classifier.eval().requires_grad_(False)
+        if self.scale and hasattr(self.denoiser, "double_backward"):
+            self.denoiser.double_backward = True  # the attack's gradient runs through the guidance's gradient
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, variant={self.variant}, scale={self.scale:g}, phi={self.phi:g}"

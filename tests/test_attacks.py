@@ -29,7 +29,8 @@ EPS = {"Linf": 0.3, "L2": 1.5}
 EXPECTED = {
     "fgsm", "bim", "pgd", "pgd_dlr", "pgd_l2", "pgd_restarts", "deepfool", "cw", "eot_pgd",
     "pgd_eot_strong", "square", "apgd_ce", "apgd_dlr", "autoattack", "autoattack_fast", "ead",
-    "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none", "pgd_diffdefense",
+    "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none", "pgd_diffdefense", "pgd40_l2",
+    "fgsm_unclipped", "deepfool_art",
 }  # fmt: skip
 
 # Shrunken budgets for the CPU test (the configs' own defaults are the papers').
@@ -39,8 +40,10 @@ SHRINK = {
     "pgd_diffdefense": {"alpha": 0.1, "steps": 5},
     "pgd_dlr": {"alpha": 0.1, "steps": 5},
     "pgd_l2": {"alpha": 0.5, "steps": 8},
+    "pgd40_l2": {"alpha": 0.5, "steps": 8},
     "pgd_restarts": {"alpha": 0.1, "steps": 5, "restarts": 2},
     "deepfool": {"steps": 10},
+    "deepfool_art": {"steps": 10},
     "cw": {"c": 10.0, "lr": 0.1, "steps": 50},
     "eot_pgd": {"alpha": 0.1, "steps": 5, "eot_iter": 2},
     "pgd_eot_strong": {"alpha": 0.1, "steps": 5, "eot_samples": 3},
@@ -53,6 +56,13 @@ SHRINK = {
     "ti_bim": {"steps": 5},
 }
 N_IMAGES = {"autoattack": 16, "autoattack_fast": 16, "fab": 16, "square": 32, "ead": 24, "cw": 32, "deepfool": 32}
+
+
+def _in_range(x_adv: torch.Tensor, attack: Attack) -> bool:
+    """[0, 1], except for a paper-protocol preset declared outside the threat model (unclipped FGSM: [−ε, 1 + ε])."""
+    if getattr(attack, "outside_threat_model", False):
+        return bool(x_adv.min() >= -attack.eps - 1e-6 and x_adv.max() <= 1 + attack.eps + 1e-6 and (x_adv < 0).any())
+    return bool(x_adv.min() >= 0 and x_adv.max() <= 1)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +106,7 @@ def test_attack_config_attacks_the_victim(name, trained_victim, batch, acc):
     x_adv = attack(trained_victim, x, y)
 
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert torch.isfinite(x_adv).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.isfinite(x_adv).all() and _in_range(x_adv, attack)
     if attack.bounded:
         assert attack.eps == EPS[attack.norm]
         assert _norms(x_adv - x)[attack.norm].max() <= attack.eps + 1e-5
@@ -385,6 +395,6 @@ def test_every_gradient_attack_runs_through_eot_on_a_stochastic_defense(name, tr
     noisy = Defended(GaussianNoise(0.1), trained_victim)
     torch.manual_seed(0)
     x_adv = attack(WhiteBoxAdaptive(eot_samples=2).attacked_model(noisy, attack), x, y)
-    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all() and _in_range(x_adv, attack)
     if attack.bounded:
         assert _norms(x_adv - x)[attack.norm].max() <= attack.eps + 1e-5

@@ -375,7 +375,7 @@ def test_audit_runs_on_diffdefense(tiny_denoiser, trained_victim, fmnist_test_ba
         "a_unbounded_attack_reaches_zero", "a_monotone_in_eps", "b_pgd_converged", "c_full_gradient_beats_bpda_identity",
         "c_full_gradient_beats_transfer", "c_full_gradient_beats_square", "d_gradients_finite_nonzero",
         "d_gradient_matches_finite_differences", "d_eot_samples_suffice", "e_frozen_randomness_not_stronger",
-        "f_adversarial_examples_valid", "g_declared_randomness_holds", "h_autoattack_checks",
+        "f_adversarial_examples_valid", "g_declared_randomness_holds", "h_autoattack_checks", "i_weakened_defense_is_weaker",
     }  # fmt: skip
     assert status["exact"]["c_full_gradient_beats_bpda_identity"] != "n/a"
     assert status["exact"]["d_gradient_matches_finite_differences"] != "n/a"

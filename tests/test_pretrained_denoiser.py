@@ -204,9 +204,8 @@ def test_hydra_config_composes_and_instantiates(compose, pipeline_dir, unet):
     assert default.denoiser.directory.endswith("checkpoints/pretrained/ddpm-cifar10-32")
 
     # Through a defense of evaluate.py: the denoiser arrives with its weights and the defense loads nothing more.
-    cfg = compose("evaluate", ["dataset=fashion_mnist_rgb32", "victim=resnet18", "defense=diffdefense",
-                               "denoiser@defense.denoiser=ddpm_cifar10_pretrained",
-                               f"defense.denoiser.directory={pipeline_dir}", "defense.purifier.t_star=5"])
+    cfg = compose("evaluate", ["dataset=fashion_mnist_rgb32", "victim=resnet18", "defense=diffpure",
+                               "denoiser=ddpm_cifar10_pretrained", f"denoiser.directory={pipeline_dir}", "defense.purifier.t_star=5"])
     assert cfg.defense.purifier.weights is None
     purifier = instantiate(cfg.defense.purifier)
     same_output(purifier.denoiser, unet)

@@ -273,7 +273,7 @@ def test_pgd_at_training_lowers_loss():
 
 
 # ---------------------------------------------------------------- configs
-EXPECTED = {"standard": Standard, "fgsm_at": FGSMAT, "pgd_at": PGDAT, "trades": TRADES, "mart": MART}
+EXPECTED = {"standard": Standard, "fgsm_at": FGSMAT, "pgd_at": PGDAT, "trades": TRADES, "mart": MART, "sgd_authors": Standard}
 
 
 def test_every_training_config_is_tested():

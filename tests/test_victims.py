@@ -25,7 +25,7 @@ CIFAR = {"name": "cifar10", "image_shape": [3, 32, 32], "num_classes": 10,
 SMALL_RGB = {"name": "tiny_rgb", "image_shape": [3, 75, 75], "num_classes": 30,
              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 CONFIG_DATASET = {
-    "classifier_a": FMNIST, "classifier_b": FMNIST, "mnist_cnn": FMNIST,
+    "classifier_a": FMNIST, "classifier_b": FMNIST, "classifier_b_defensegan": FMNIST, "mnist_cnn": FMNIST,
     "resnet18": CIFAR, "resnet56": CIFAR, "wrn_28_10": CIFAR, "mobilenet_v2": CIFAR, "shufflenet_v2": CIFAR,
     "resnet50": SMALL_RGB, "inception_resnet_v2": SMALL_RGB, "robustbench": CIFAR,
 }
@@ -55,14 +55,17 @@ def assert_logits_with_input_grad(model: nn.Module, shape: tuple[int, ...], num_
     [
         (lambda: mnist.ClassifierA(), (1, 28, 28), 10),
         (lambda: mnist.ClassifierB(), (1, 28, 28), 10),
+        (lambda: mnist.ClassifierBDefenseGAN(), (1, 28, 28), 10),
         (lambda: mnist.PyTorchExamplesCNN(), (1, 28, 28), 10),
         (lambda: mnist.ClassifierA(in_channels=3, num_classes=7, input_size=32), (3, 32, 32), 7),
         (lambda: mnist.ClassifierB(in_channels=3, num_classes=7, input_size=32), (3, 32, 32), 7),
+        (lambda: mnist.ClassifierBDefenseGAN(in_channels=3, num_classes=7, input_size=32), (3, 32, 32), 7),
         (lambda: mnist.PyTorchExamplesCNN(in_channels=3, num_classes=7, input_size=32), (3, 32, 32), 7),
         (lambda: cifar.wide_resnet_28_10(num_classes=7, depth=10, widen_factor=1), (3, 32, 32), 7),
         (lambda: zoo.torchvision_model("resnet18", num_classes=7), (3, 32, 32), 7),
     ],
-    ids=["A", "B", "mnist_cnn", "A_rgb32", "B_rgb32", "mnist_cnn_rgb32", "wrn_10_1", "torchvision_resnet18"],
+    ids=["A", "B", "B_defensegan", "mnist_cnn", "A_rgb32", "B_rgb32", "B_defensegan_rgb32", "mnist_cnn_rgb32", "wrn_10_1",
+         "torchvision_resnet18"],
 )
 def test_forward_gives_logits_and_input_gradients(factory, shape, num_classes) -> None:
     """Other sizes/channels than the defaults; every config's victim is run in ``test_victim_config_instantiates``."""
@@ -76,8 +79,54 @@ def test_paper_layer_details() -> None:
 
     assert first_fc(mnist.ClassifierA()).in_features == 6400
     assert first_fc(mnist.ClassifierB()).in_features == 128
+    assert first_fc(mnist.ClassifierBDefenseGAN()).in_features == 128
     assert first_fc(mnist.PyTorchExamplesCNN()).in_features == 9216
     assert sum(p.numel() for p in cifar.resnet56().parameters()) < 900_000  # ResNet-56 has ~0.85 M
+
+
+def _conv_maps(net: nn.Module, size: int = 28) -> tuple[list[int], list[int]]:
+    """(paddings, output side after each conv) of a classifier B variant on a size×size grey image."""
+    pads, sides, x = [], [], torch.zeros(1, 1, size, size)
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            break
+        x = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            pads.append(layer.padding[0])
+            sides.append(x.shape[-1])
+    return pads, sides
+
+
+def test_classifier_b_is_the_diffdefense_release_and_defensegan_b_is_kept() -> None:
+    """B as the DiffDefense authors released it (classifiers/classifier.py): conv1 unpadded, padding 1 on conv3,
+    28→11→3→1; Defense-GAN's model B ("SAME" conv1 = pad 3, the others unpadded): 28→14→5→1. Both: logits (N, 10)."""
+    authors, defensegan = mnist.ClassifierB().eval(), mnist.ClassifierBDefenseGAN().eval()
+    assert _conv_maps(authors) == ([0, 0, 1], [11, 3, 1])
+    assert _conv_maps(defensegan) == ([3, 0, 0], [14, 5, 1])
+    assert [type(m) for m in authors] == [type(m) for m in defensegan]  # same layers, dropout .2 first and .5 last
+    assert authors[0].p == 0.2 and authors[7].p == 0.5
+    for net in (authors, defensegan):
+        assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    shapes = lambda net: [tuple(p.shape) for p in net.parameters()]  # noqa: E731
+    assert shapes(authors) == shapes(defensegan)  # hence the variant buffer below
+    assert authors.state_dict()["_variant_conv_padding"].tolist() == [0, 0, 1]
+    assert not any("_variant_" in k for k in defensegan.state_dict())
+
+
+def test_classifier_b_variants_never_load_each_others_weights(tmp_path: Path) -> None:
+    """Same parameter shapes, other paddings: a file of one variant fails in one line naming the variant mark."""
+    old = save_weights(build_victim(mnist.ClassifierBDefenseGAN(), [0.5], [0.5]), tmp_path / "b_defensegan.pt")
+    new = save_weights(build_victim(mnist.ClassifierB(), [0.5], [0.5]), tmp_path / "b.pt")
+    with pytest.raises(RuntimeError) as err:
+        build_victim(mnist.ClassifierB(), [0.5], [0.5], weights=old)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"checkpoint {old} does not match the model: ")
+    assert "another variant of the architecture: net._variant_conv_padding = none (not recorded) in the file vs [0, 0, 1]" in message
+    with pytest.raises(RuntimeError, match=r"net._variant_conv_padding = \[0, 0, 1\] in the file vs none"):
+        build_victim(mnist.ClassifierBDefenseGAN(), [0.5], [0.5], weights=new)
+    loaded = build_victim(mnist.ClassifierB(), [0.5], [0.5], weights=new)  # each loads its own
+    assert loaded.net._variant_conv_padding.tolist() == [0, 0, 1]
+    build_victim(mnist.ClassifierBDefenseGAN(), [0.5], [0.5], weights=old)
 
 
 def test_cifar_variants_keep_resolution() -> None:

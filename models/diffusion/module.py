@@ -14,6 +14,34 @@ from torch.optim.swa_utils import AveragedModel
 
 from models.diffusion.schedule import DiffusionSchedule, to_image_space, to_model_space
 from models.lit_base import LitBase, OptimizerFactory, SchedulerFactory
+from models.weights import DATA_RANGE_KEY, DEFAULT_DATA_RANGE
+
+#: The data spaces a denoiser can be trained in: ``[−1, 1]`` (x → 2x − 1, the project's model space) or raw ``[0, 1]``
+#: images (the DiffDefense authors' ``DDPM.py``, which feeds ``ToTensor()`` batches to ``add_noise`` unmapped).
+DATA_SPACES = ((-1.0, 1.0), (0.0, 1.0))
+
+
+def check_data_space(data_space: Sequence[float], who: str = "data_space") -> tuple[float, float]:
+    """``data_space`` as a (lo, hi) tuple of floats, or one clear error unless it is [−1, 1] or [0, 1]."""
+    try:
+        lo, hi = (float(v) for v in data_space)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who} must be [-1, 1] or [0, 1], got {data_space!r}") from None
+    if (lo, hi) not in DATA_SPACES:
+        raise ValueError(f"{who} must be [-1, 1] or [0, 1], got [{lo:g}, {hi:g}]")
+    return (lo, hi)
+
+
+def images_to_data_space(x: torch.Tensor, data_space: tuple[float, float]) -> torch.Tensor:
+    """Images in [0, 1] → the denoiser's data space (identity for [0, 1], 2x − 1 for [−1, 1])."""
+    return x if data_space == (0.0, 1.0) else to_model_space(x)
+
+
+def data_space_to_images(x: torch.Tensor, data_space: tuple[float, float], clamp: bool = False) -> torch.Tensor:
+    """The inverse of ``images_to_data_space`` (not clamped unless ``clamp``)."""
+    if data_space == (0.0, 1.0):
+        return x.clamp(0.0, 1.0) if clamp else x
+    return to_image_space(x, clamp=clamp)
 
 
 def warmup_ema(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float) -> torch.Tensor:
@@ -42,8 +70,13 @@ class DenoiserModule(LitBase):
             a short schedule (DiffDefense's T = 100, β ≤ 0.02: ᾱ_T ≈ 0.37) x_T ~ N(0, I) is off the training
             distribution, so these grids understate the model; they are a sanity check, not a metric.
         image_shape: (C, H, W) of generated samples; ``None`` = the shape of the last training batch.
+        data_space: where the DDPM runs: ``[-1, 1]`` (default: x_0 = 2x − 1, the project's model space) or
+            ``[0, 1]`` (x_0 = x, raw images, as the DiffDefense authors trained theirs). Recorded with the exported
+            weights when it is not the default (``models.weights.DATA_RANGE_KEY``), so a consumer configured for the
+            other space refuses them in one line; a file without the entry is a [−1, 1] denoiser.
 
-    The loss: x_0 = 2x − 1 (model space), t ~ U{0, …, T−1}, ε ~ N(0, I), ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖².
+    The loss: x_0 = 2x − 1 (or x, ``data_space=[0, 1]``), t ~ U{0, …, T−1}, ε ~ N(0, I),
+    ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖².
     """
 
     def __init__(
@@ -57,8 +90,10 @@ class DenoiserModule(LitBase):
         n_samples: int = 16,
         image_shape: Sequence[int] | None = None,
         export_path: str | None = None,
+        data_space: Sequence[float] = DEFAULT_DATA_RANGE,
     ) -> None:
         super().__init__(optimizer, scheduler, export_path)
+        self.data_space = check_data_space(data_space)
         self.denoiser = denoiser
         self.schedule = schedule
         self.ema: AveragedModel | None = None
@@ -81,8 +116,14 @@ class DenoiserModule(LitBase):
 
     def export_denoiser(self) -> nn.Module:
         """A copy of the (EMA) denoiser in eval mode, for ``torch.save(module.state_dict(), weights)``;
-        its state dict loads into a freshly built denoiser of the same config."""
-        return copy.deepcopy(self.eval_denoiser).eval()
+        its state dict loads into a freshly built denoiser of the same config (``models.weights.load_weights``).
+
+        A denoiser trained in ``[0, 1]`` carries its data space as the buffer ``DATA_RANGE_KEY`` (``load_weights``
+        checks and strips it); a ``[−1, 1]`` one is exported exactly as before the space was recorded."""
+        exported = copy.deepcopy(self.eval_denoiser).eval()
+        if self.data_space != DEFAULT_DATA_RANGE:
+            exported.register_buffer(DATA_RANGE_KEY, torch.tensor(self.data_space, dtype=torch.float32))
+        return exported
 
     def export(self) -> nn.Module:
         return self.export_denoiser()
@@ -98,8 +139,9 @@ class DenoiserModule(LitBase):
         noise: torch.Tensor | None = None,
         denoiser: nn.Module | None = None,
     ) -> torch.Tensor:
-        """ε-prediction MSE on images ``x`` in [0, 1]; ``t``/``noise`` drawn uniformly/normally unless given."""
-        x0 = to_model_space(x)
+        """ε-prediction MSE on images ``x`` in [0, 1] (mapped to ``data_space``); ``t``/``noise`` drawn
+        uniformly/normally unless given."""
+        x0 = images_to_data_space(x, self.data_space)
         if t is None:
             t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
         if noise is None:
@@ -138,7 +180,7 @@ class DenoiserModule(LitBase):
             x0 = self.schedule.sample_loop(net, x_T, self.schedule.num_steps, noise_fn=noise_fn)
         finally:
             net.train(was_training)
-        return to_image_space(x0, clamp=True)
+        return data_space_to_images(x0, self.data_space, clamp=True)
 
     def on_train_epoch_end(self) -> None:
         every = self.sample_every_n_epochs

@@ -153,7 +153,14 @@ class DDPMUNet(nn.Module):
     self-attention at 16×16, dropout 0.1, GroupNorm 32).
 
     ``image_size`` (checked against inputs) documents the resolution the weights were trained for.
+
+    ``double_backward``: set by a guided defense whose adaptive attack differentiates through ε_θ twice (the
+    guidance's gradient inside the attack's graph). PyTorch's fused attention kernels (flash / memory-efficient
+    SDPA) have no double backward, so attention then runs on the math kernel whenever gradients flow; plain
+    purification (no gradients) keeps the fast kernels.
     """
+
+    double_backward: bool = False
 
     def __init__(
         self,
@@ -192,4 +199,9 @@ class DDPMUNet(nn.Module):
             raise ValueError(f"{type(self).__name__} was built for {self.image_size}px images, got input {tuple(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        if self.double_backward and torch.is_grad_enabled():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                return self.net(x, t).sample
         return self.net(x, t).sample
