@@ -183,13 +183,18 @@ disttrans-cpu: install
 	  hydra.sweep.dir=$(DT_RUN)/table1/chains
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) $(DT_DENSE) $(DT_QUALITY) attack=none,pgd,pgd40_l2 \
 	  hydra.sweep.dir=$(DT_RUN)/table1/densepure
+	@# The paper's guidance switched on (s = 10, not the validation choice), as its own row.
+	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) $(DT_CHAIN) $(DT_QUALITY) defense=disttrans defense.purifier.scale=10.0 \
+	  attack=none,pgd,pgd40_l2 'table.row=$${victim.name} disttrans_s10 $${victim_training}' hydra.sweep.dir=$(DT_RUN)/table1/guided_s10
 	@# Table 1, adaptive (Table 2's protocol): PGD along the exact gradient of every chain, loss-EOT 2.
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) defense=none,disttrans_authors hydra.sweep.dir=$(DT_RUN)/adaptive/none_authors
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) $(DT_CHAIN) defense=diffpure,disttrans hydra.sweep.dir=$(DT_RUN)/adaptive/chains
+	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) $(DT_CHAIN) defense=disttrans defense.purifier.scale=10.0 \
+	  'table.row=$${victim.name} disttrans_s10 $${victim_training}' hydra.sweep.dir=$(DT_RUN)/adaptive/guided_s10
 	@# The audit (check (i): t* = 0 must fall to the undefended model).
 	$(PY) evaluate.py $(DT_AUDIT) defense=disttrans_authors hydra.run.dir=$(DT_RUN)/audit/disttrans_authors
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=diffpure hydra.run.dir=$(DT_RUN)/audit/diffpure
-	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=disttrans hydra.run.dir=$(DT_RUN)/audit/disttrans
+	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=disttrans defense.purifier.scale=10.0 hydra.run.dir=$(DT_RUN)/audit/disttrans_s10
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_DENSE) defense.purifier.votes=2 hydra.run.dir=$(DT_RUN)/audit/densepure
 	@# Table 3 on GENERATED corruptions (imagecorruptions on the stand-in; not CIFAR-10-C), 100 images.
 	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) dataset.eval_subset=100 dataset=fashion_mnist_rgb32_c \

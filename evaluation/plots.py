@@ -142,14 +142,19 @@ def plot_tstar(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 # -- Fig. 4: detection ROC -------------------------------------------------------------------------
-def load_detections(run_dir: str | Path) -> list[dict[str, Any]]:
+def load_json_files(run_dir: str | Path, name: str) -> list[dict[str, Any]]:
+    """Every ``name`` (e.g. detection.json) under ``run_dir``, skipping unreadable ones with a warning."""
     out = []
-    for f in sorted(Path(run_dir).rglob("detection.json")):
+    for f in sorted(Path(run_dir).rglob(name)):
         try:
             out.append(json.loads(f.read_text()))
         except json.JSONDecodeError as e:
             print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
     return out
+
+
+def load_detections(run_dir: str | Path) -> list[dict[str, Any]]:
+    return load_json_files(run_dir, "detection.json")
 
 
 def plot_roc(ax: Any, fpr: Sequence[float], tpr: Sequence[float], label: str) -> None:
@@ -273,13 +278,7 @@ def plot_eps(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 # -- certified accuracy vs radius (randomized smoothing, evaluation/certify.py) -------------------------
 def load_certificates(run_dir: str | Path) -> list[dict[str, Any]]:
-    out = []
-    for f in sorted(Path(run_dir).rglob("certify.json")):
-        try:
-            out.append(json.loads(f.read_text()))
-        except json.JSONDecodeError as e:
-            print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
-    return out
+    return load_json_files(run_dir, "certify.json")
 
 
 def certify_labels(certs: list[dict[str, Any]]) -> list[str]:

@@ -26,6 +26,15 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
     return emb
 
 
+def check_denoiser_input(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One clear error for an input the denoiser was not built for (channels, resolution); ``t`` as (N,)."""
+    if x.shape[1] != net.in_channels:
+        raise ValueError(f"{type(net).__name__} expects {net.in_channels} channels, got input {tuple(x.shape)}")
+    if net.image_size is not None and x.shape[-1] != net.image_size:
+        raise ValueError(f"{type(net).__name__} was built for {net.image_size}px images, got input {tuple(x.shape)}")
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
 class TimeBlock(nn.Module):
     """DiffDefense's block: layer norm → 3×3 conv → (+ time) → SiLU.
 
@@ -116,12 +125,7 @@ class DiffDefenseUNet(nn.Module):
         self.head = nn.Conv2d(chans[0], in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got input {tuple(x.shape)}")
-        if self.image_size is not None and x.shape[-1] != self.image_size:
-            raise ValueError(f"{type(self).__name__} was built for {self.image_size}px images, got input {tuple(x.shape)}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = check_denoiser_input(self, x, t)
         temb = self.temb_act(self.time_mlp(sinusoidal_embedding(t, self.time_dim).to(x.dtype)))
 
         h = self.stem(x)
@@ -193,12 +197,7 @@ class DDPMUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects {self.in_channels} channels, got input {tuple(x.shape)}")
-        if self.image_size is not None and x.shape[-1] != self.image_size:
-            raise ValueError(f"{type(self).__name__} was built for {self.image_size}px images, got input {tuple(x.shape)}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        t = check_denoiser_input(self, x, t)
         if self.double_backward and torch.is_grad_enabled():
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
