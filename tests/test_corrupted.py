@@ -138,5 +138,6 @@ def test_dataset_config_composes_and_builds_the_stand_in(compose, data_dir, tmp_
     assert isinstance(dm, CorruptedDataModule) and dm.severity == 1 and dm.eval_subset is None
     assert dm.cache_path == data_dir / "generated-corruptions" / "fashion_mnist_rgb32" / "gaussian_noise-1.npy"
     assert type(dm.base).__name__ == "FashionMNISTRGB32DataModule" and dm.base.system_dir == cfg.paths.fashion_mnist_system_dir
-    fields = set(compose("evaluate", ["dataset=fashion_mnist_rgb32"]).dataset)
-    assert fields <= set(cfg.dataset)
+    clean = compose("evaluate", ["dataset=fashion_mnist_rgb32"]).dataset
+    assert set(clean) <= set(cfg.dataset)
+    assert cfg.dataset.tuned == clean.tuned  # hyper-parameters tuned on the clean stand-in's validation split
