@@ -56,6 +56,9 @@ class Defended(nn.Module):
         self.purifier = purifier
         self.victim = victim
         self.input_shape = tuple(input_shape) if input_shape is not None else None
+        #: ``True`` makes ``vote`` return the soft vote (log mean softmax) as its value too: the function whose
+        #: gradient the straight-through vote hands an attack. Only the audit's finite-difference check sets it.
+        self.soft_vote = False
 
     @property
     def stochastic(self) -> bool:
@@ -87,10 +90,14 @@ class Defended(nn.Module):
         Value: log of the vote shares (plus 1e-3 × the mean softmax, which only breaks ties), so argmax is the
         majority label. Gradient: that of the log mean softmax over the same passes (a straight-through
         estimator) — the hard vote's gradient is zero almost everywhere, and an attack must not be handed it.
+        With ``soft_vote`` set the value is the log mean softmax as well, so finite differences can check that
+        gradient against the function it belongs to.
         """
         probs = torch.stack([self.victim(self.purifier(x)).softmax(dim=1) for _ in range(votes)])
         soft = probs.mean(dim=0)
         shares = torch.nn.functional.one_hot(probs.argmax(dim=2), probs.shape[2]).to(soft.dtype).mean(dim=0)
         value = torch.log(shares + 1e-3 * soft.detach())
         smooth = torch.log(soft.clamp_min(1e-12))
+        if self.soft_vote:
+            return smooth
         return smooth + (value - smooth).detach()

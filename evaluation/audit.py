@@ -387,11 +387,19 @@ def _gradient_checks(
         # float64: a defense whose output barely moves with x (directional derivatives ~1e-5) would otherwise
         # fail on fp32 rounding alone; a rough function (shattered gradients) stays rough in float64.
         exact = copy.deepcopy(attacked).double()
+        # A majority vote (DensePure) is piecewise constant, and its declared gradient is that of the soft vote
+        # (straight-through): finite differences check that gradient against the soft vote, through the very same
+        # purifier passes, so a faked purifier gradient still fails here.
+        voting = [m for m in exact.modules() if isinstance(m, Defended) and int(getattr(m.purifier, "votes", 1)) > 1]
+        for m in voting:
+            m.soft_vote = True
         frozen = FrozenRandomness(exact, seed).eval() if defended.stochastic else exact.eval()
         rel, values = _finite_difference(frozen, x.double(), y, fd_step, seed)
+        values["against"] = "soft vote (log mean softmax of the passes)" if voting else "the defended classifier"
         out.append(_check(
             "d_gradient_matches_finite_differences", rel <= fd_tol,
             f"median relative error of the directional derivative {rel:.3g} (≤ {fd_tol:g})"
+            + (", against the soft vote whose gradient the straight-through vote returns" if voting else "")
             + ("" if rel <= fd_tol else ": the gradient does not describe the function (shattered or faked gradients)"),
             values,
         ))

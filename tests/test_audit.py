@@ -152,3 +152,27 @@ class MaskedEvenWhenWeakened(BitDepthReduction):
 def test_weakened_check_fails_a_defense_whose_robustness_survives_its_removal(trained_victim, xy):
     status = _status(run_audit(Defended(MaskedEvenWhenWeakened(bits=1), trained_victim), *xy, **FAST))
     assert status["i_weakened_defense_is_weaker"] == "fail"
+
+
+class VotingNoise(GaussianNoise):
+    """DensePure's shape on a cheap purifier: Gaussian noise, classified by a majority vote of 3 passes."""
+
+    votes = 3
+
+
+class VotingShattered(Shattered):
+    """Planted: a shattered purifier behind a majority vote (the soft-vote check must not hide it)."""
+
+    stochastic, votes = True, 3
+
+
+@pytest.mark.parametrize("purifier, ok", [(VotingNoise(0.05), True), (VotingShattered(), False)], ids=["noise", "shattered"])
+def test_finite_differences_check_a_vote_against_the_soft_vote(trained_victim, xy, purifier, ok):
+    """The hard vote is piecewise constant; its straight-through gradient is the soft vote's, and finite
+    differences of the soft vote through the same passes must match it — unless the passes themselves are masked."""
+    from evaluation.audit import _gradient_checks, _WarningCollector
+
+    checks = _gradient_checks(Defended(purifier, trained_victim), WhiteBoxAdaptive(2), *xy, 0, 1e-2, 0.1, _WarningCollector())
+    fd = next(c for c in checks if c.name == "d_gradient_matches_finite_differences")
+    assert (fd.status == "pass") is ok, fd.detail
+    assert "soft vote" in fd.detail and fd.values["against"].startswith("soft vote")
