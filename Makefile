@@ -166,17 +166,25 @@ DT_ADAPT := $(DT_BASE) dataset.eval_subset=$(DT_ADAPT_N) eval.n_draws=2 threat=w
 DT_AUDIT := $(DT_BASE) audit=true attack=pgd attack.builder.steps=10 dataset.eval_subset=16 audit_settings.n_images=16 \
   audit_settings.steps=5 audit_settings.eot_samples=2 audit_settings.square_queries=50 eval.n_draws=2
 DT_QUALITY := eval.time_purifier=true eval.image_quality=true
+DT_AT := dataset=fashion_mnist_rgb32 victim=resnet18 trainer=cpu trainer.max_epochs=1 dataset.datamodule.train_subset=6000 \
+  training.loss.steps=5 +trainer.max_time=00:00:12:00 $(CPU_TRAIN)
 disttrans-cpu: install
 	test -f $(DT_CKPT)/resnet18-standard.pt || $(PY) train.py dataset=fashion_mnist_rgb32 victim=resnet18 trainer=cpu \
 	  trainer.max_epochs=2 dataset.datamodule.train_subset=20000 $(CPU_TRAIN)
 	test -f $(DT_CKPT)/denoiser-ddpm_small.pt || $(PY) train.py model=denoiser dataset=fashion_mnist_rgb32 denoiser=ddpm_small \
 	  trainer=cpu trainer.max_epochs=4 +trainer.max_time=00:00:30:00 model.sample_every_n_epochs=0 test_after_training=false $(CPU_TRAIN)
+	@# The AT / TRADES rows: ResNet-18 adversarially trained on 6000 images, PGD-5 inner attack, 12 min each (a CPU
+	@# reduction of Madry et al.'s / TRADES' 10-step training; the row names stay pgd_at / trades).
+	test -f $(DT_CKPT)/resnet18-pgd_at.pt || $(PY) train.py $(DT_AT) training=pgd_at
+	test -f $(DT_CKPT)/resnet18-trades.pt || $(PY) train.py $(DT_AT) training=trades
 	@# s and φ of the guidance on 64 VALIDATION images (the pair chosen from it is dataset.tuned.disttrans_* of
 	@# conf/dataset/fashion_mnist_rgb32.yaml; never tuned on test).
 	$(PY) evaluate.py -m experiment=disttrans_guidance_sweep $(DT_BASE) $(DT_CHAIN) dataset.eval_subset=64 \
 	  defense.purifier.scale=0.0,10.0,100.0 defense.purifier.phi=1.0 hydra.sweep.dir=$(DT_RUN)/guidance_sweep
 	@# Table 1, oblivious: defense=none first (its adversarial batches, crafted on the bare victim, are reused).
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) defense=none attack=none,pgd,pgd40_l2 hydra.sweep.dir=$(DT_RUN)/table1/none
+	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) defense=none victim_training=pgd_at,trades attack=none,pgd,pgd40_l2 \
+	  hydra.sweep.dir=$(DT_RUN)/table1/at_trades
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) $(DT_QUALITY) defense=disttrans_authors attack=none,pgd,pgd40_l2 \
 	  hydra.sweep.dir=$(DT_RUN)/table1/authors
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) $(DT_CHAIN) $(DT_QUALITY) defense=diffpure,disttrans attack=none,pgd,pgd40_l2 \
@@ -194,13 +202,14 @@ disttrans-cpu: install
 	@# The audit (check (i): t* = 0 must fall to the undefended model).
 	$(PY) evaluate.py $(DT_AUDIT) defense=disttrans_authors hydra.run.dir=$(DT_RUN)/audit/disttrans_authors
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=diffpure hydra.run.dir=$(DT_RUN)/audit/diffpure
+	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=disttrans hydra.run.dir=$(DT_RUN)/audit/disttrans
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_CHAIN) defense=disttrans defense.purifier.scale=10.0 hydra.run.dir=$(DT_RUN)/audit/disttrans_s10
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_DENSE) defense.purifier.votes=2 hydra.run.dir=$(DT_RUN)/audit/densepure
-	@# Table 3 on GENERATED corruptions (imagecorruptions on the stand-in; not CIFAR-10-C), 100 images.
-	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) dataset.eval_subset=100 dataset=fashion_mnist_rgb32_c \
-	  defense=none,disttrans_authors dataset.datamodule.severity=1,3,5 hydra.sweep.dir=$(DT_RUN)/table3/none_authors
-	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) dataset.eval_subset=100 $(DT_CHAIN) dataset=fashion_mnist_rgb32_c \
-	  defense=disttrans dataset.datamodule.severity=1,3,5 hydra.sweep.dir=$(DT_RUN)/table3/paper
+	@# Table 3 on GENERATED corruptions (imagecorruptions on the stand-in; not CIFAR-10-C): all 5 × 5, 200 images.
+	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) dataset=fashion_mnist_rgb32_c defense=none,disttrans_authors \
+	  hydra.sweep.dir=$(DT_RUN)/table3/none_authors
+	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) $(DT_CHAIN) dataset=fashion_mnist_rgb32_c defense=disttrans \
+	  hydra.sweep.dir=$(DT_RUN)/table3/paper
 	$(PY) -m evaluation.report $(DT_RUN)
 
 # Speed figures (images/s of the evaluation loop, attacks per second); prints, never asserts.
