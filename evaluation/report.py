@@ -6,8 +6,8 @@ Each sub-folder of the reproduction is one experiment; its section is built from
 runs (``certify.json``) → the certified-accuracy table and the overlaid curves ``certify.png``; an ε sweep
 (``results.json`` over ≥ 3 values of ε for one defense, victim and attack) → the accuracy-vs-ε table and
 ``eps.png``; an audit (``audit.json``) → the audit report; any other ``results.json`` → the grid of robust
-accuracies with the paper's numbers (severity means and ``paper_quoted`` rows included) and the table of every
-metric (``evaluation.tables``).
+accuracies with the paper's numbers (severity means and ``paper_quoted`` rows included), the table of every
+metric (``evaluation.tables``) and, where recorded, the purifier response diagnostic (``evaluation.response``).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from evaluation.audit import format_report
 from evaluation.plots import eps_curves, load_certificates, load_detections, plot_certify, plot_detection, plot_eps, plot_tstar, tstar_curves
+from evaluation.response import response_markdown
 from evaluation.results import write_text_atomic
 from evaluation.tables import load_results, render
 
@@ -48,7 +49,7 @@ def section(folder: Path) -> str | None:
     if by_eps and max(len(c) for lines in by_eps.values() for c in lines.values()) >= MIN_EPS_VALUES:
         png = plot_eps(folder)
         return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
-    return title + render(folder)
+    return title + render(folder) + response_markdown(results)
 
 
 def build_report(run_dir: str | Path) -> str:

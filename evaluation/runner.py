@@ -222,6 +222,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.eval.get("image_quality"):
         result.update(purified_image_quality(defended.purifier, datamodule, device, cfg.seed))
+    if cfg.eval.get("response_curve"):
+        result.update(purifier_response(defended, datamodule, attack, threat, device, cfg.seed, out_dir / "response.png", run_label(cfg)))
     if cfg.eval.get("time_purifier"):
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
         result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
@@ -334,6 +336,23 @@ def purified_image_quality(purifier: torch.nn.Module, datamodule, device: torch.
     ssim = structural_similarity_index_measure(x_hat, x, data_range=1.0, reduction="none")
     psnr = peak_signal_noise_ratio(x_hat, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return {"purified_ssim": float(ssim.mean()), "purified_psnr": float(psnr.clamp(max=100.0).mean()), "quality_images": int(x.shape[0])}
+
+
+def purifier_response(defended: Defended, datamodule, attack: Attack, threat, device: torch.device, seed: int, png: Path,
+                      label: dict[str, Any]) -> dict:
+    """``eval.response_curve``: the purifier's intensity response on the first eval batch, with the configured attack's
+    adversarial examples (crafted as the threat model says) for the whitened-pixel fraction (evaluation/response.py)."""
+    from evaluation.response import response_diagnostic
+
+    datamodule.setup("test")
+    x, y = next(iter(datamodule.test_dataloader()))
+    x, y = x.to(device), y.to(device)
+    x_adv = None
+    if attack.name != "none":
+        torch.manual_seed(seed)
+        x_adv = attack(threat.attacked_model(defended, attack).to(device), x, y).detach()
+    title = f"{label.get('defense')} ({label.get('dataset')}; {attack.name})"
+    return response_diagnostic(defended.purifier, x, x_adv, seed=seed, out_png=png, label=title)
 
 
 # --- certify=true (evaluation/certify.py) ---------------------------------------------------------------------
