@@ -44,6 +44,12 @@ DEMO_DIR := multirun/demo
 DEMO_CKPT := $(CURDIR)/checkpoints/demo
 DEMO_TRAIN := dataset.datamodule.train_subset=20000 logger=csv trainer.enable_progress_bar=false
 DENOISER := $(DEMO_CKPT)/fashion_mnist/denoiser-diffdefense_unet.pt
+# RAP (issue 13): the tiny adapter, T = 5, one epoch on 512 images (≈ 1–2 min on 2 cores), attacked white box
+# (conf/experiment/rap_demo.yaml); reused when its weights exist.
+DEMO_RAP := $(DEMO_CKPT)/fashion_mnist/rap-rap_tiny-Linf-classifier_a-standard.pt
+DEMO_RAP_TRAIN := denoiser=rap_tiny denoiser.num_steps=5 trainer.max_epochs=1 dataset.datamodule.train_subset=512 \
+  dataset.datamodule.batch_size=64 dataset.datamodule.eval_batch_size=64 trainer.limit_val_batches=1 \
+  +trainer.num_sanity_val_steps=0 model.optimizer.lr=1e-3 test_after_training=false logger=csv trainer.enable_progress_bar=false
 demo: install
 	@start=$$(date +%s); export PURIFY_CHECKPOINT_DIR=$(DEMO_CKPT); \
 	$(PY) train.py victim=classifier_a trainer.max_epochs=1 $(DEMO_TRAIN) && \
@@ -54,6 +60,8 @@ demo: install
 	$(PY) evaluate.py -m experiment=demo_diffdefense attack=none,pgd hydra.sweep.dir=$(DEMO_DIR)/diffdefense && \
 	$(PY) evaluate.py experiment=demo_diffdefense threat=white_box_adaptive threat.model.eot_samples=2 \
 	  attack.builder.steps=5 attack.builder.alpha=0.075 dataset.eval_subset=32 hydra.run.dir=$(DEMO_DIR)/diffdefense_adaptive && \
+	{ test -f $(DEMO_RAP) || $(PY) train.py model=rap $(DEMO_RAP_TRAIN); } && \
+	$(PY) evaluate.py -m experiment=rap_demo hydra.sweep.dir=$(DEMO_DIR)/rap && \
 	$(PY) -m evaluation.tables $(DEMO_DIR) && \
 	echo "image grids: $(DEMO_DIR)/*/*/grid.png" && \
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
@@ -218,3 +226,42 @@ bench: install
 
 clean:
 	rm -rf outputs multirun .cache lightning_logs wandb
+
+# CPU-scale RAP (issue 13) on the Fashion-MNIST stand-in for MNIST (Table 3 = experiment rap_mnist; no paper numbers):
+# trains the pytorch/examples CNN, its Madry PGD-AT version and the RAP adapter (rap_small, T = 20, ℓ∞ ε = 0.3, ≤ 55 min)
+# when missing, then the table on 1000 fixed test images — CNN and Madry columns, then the RAP column (1-step, white box
+# through adapter + victim), one command per row type — and the audits of RAP 1-step (128 images) and of the T-step
+# reverse process (16 images, 5 PGD steps: 190 inner gradient steps per purification). The clean RAP run also times the
+# purifier (purify_s_per_image_* in results.json; the paper: 7.35 images/s on an A6000). CPU reductions (the defaults
+# are the paper's): RAP trained ≤ 55 min at lr 1e-3 (a fraction of one epoch: each batch runs up to T = 20 attack
+# steps through adapter + victim), validated on 2 batches every 50; the reverse audit's budget.
+# Report: python -m evaluation.tables $(RAP_RUN)/<folder>.
+RAP_RUN := multirun/rap-cpu
+RAP_BASE := experiment=rap_mnist dataset=fashion_mnist dataset.eval_subset=1000 eval.progress=false
+RAP_COLS_NONE := defense=none victim_training=standard,pgd_at
+RAP_COLS_RAP := defense=rap victim_training=standard
+RAP_BIM := attack=bim attack.builder.steps=20 attack.builder.alpha=0.0375
+RAP_BIM_PAPER := attack=bim attack.builder.steps=20 attack.builder.alpha=0.00784313725490196 'table.row=$${dataset.name} bim_paper_step'
+RAP_BIM_L2 := attack=pgd_l2 attack.builder.random_start=false 'table.row=$${dataset.name} bim_l2'
+RAP_AUDIT := audit=true victim=mnist_cnn dataset=fashion_mnist eval.progress=false
+.PHONY: rap-cpu
+rap-cpu: install
+	test -f $(CPU_CKPT)/mnist_cnn-standard.pt || $(PY) train.py victim=mnist_cnn trainer.max_epochs=4 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/mnist_cnn-pgd_at.pt || $(PY) train.py victim=mnist_cnn training=pgd_at trainer.max_epochs=2 \
+	  +trainer.max_time=00:00:40:00 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/rap-rap_small-Linf-mnist_cnn-standard.pt || $(PY) train.py model=rap victim=mnist_cnn \
+	  trainer.max_epochs=5 +trainer.max_time=00:00:55:00 +trainer.val_check_interval=50 trainer.limit_val_batches=2 \
+	  +trainer.num_sanity_val_steps=0 model.optimizer.lr=1e-3 test_after_training=false $(CPU_TRAIN)
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) hydra.sweep.dir=$(RAP_RUN)/table3/none
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_paper
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_l2
+	$(PY) evaluate.py $(RAP_BASE) $(RAP_COLS_RAP) attack=none eval.time_purifier=true hydra.run.dir=$(RAP_RUN)/table3/rap/clean
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=gaussian_noise,fgsm,deepfool hydra.sweep.dir=$(RAP_RUN)/table3/rap/main
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_paper
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_l2
+	$(PY) -m evaluation.tables $(RAP_RUN)/table3
+	$(PY) evaluate.py $(RAP_AUDIT) defense=rap dataset.eval_subset=128 hydra.run.dir=$(RAP_RUN)/audit/rap_one_step
+	$(PY) evaluate.py $(RAP_AUDIT) defense=rap_reverse attack.builder.steps=5 dataset.eval_subset=16 audit_settings.n_images=16 \
+	  audit_settings.steps=5 audit_settings.square_queries=20 hydra.run.dir=$(RAP_RUN)/audit/rap_reverse
