@@ -257,7 +257,7 @@ rap-cpu: install
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_paper
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_l2
 	$(PY) evaluate.py $(RAP_BASE) $(RAP_COLS_RAP) attack=none eval.time_purifier=true hydra.run.dir=$(RAP_RUN)/table3/rap/clean
-	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=gaussian_noise,fgsm,deepfool hydra.sweep.dir=$(RAP_RUN)/table3/rap/main
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=gaussian_noise,fgsm,deepfool,deepfool_linf hydra.sweep.dir=$(RAP_RUN)/table3/rap/main
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_paper
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_l2

@@ -110,12 +110,22 @@ class TIFGSM(torchattacks.TIFGSM):
 
 
 class DeepFool(torchattacks.DeepFool):
-    """Batched DeepFool (Moosavi-Dezfooli et al. 2016), L2, unbounded; same arguments as torchattacks'.
+    """Batched DeepFool (Moosavi-Dezfooli et al. 2016), unbounded; torchattacks' arguments plus ``norm``.
 
     Every step linearises the classifier around the current point of each still-correct image,
     moves to the nearest linearised decision boundary, and sets ``x_adv = clip(x + (1 + overshoot)·r)``
     with ``r`` the accumulated perturbation. Images stop as soon as they are misclassified.
+    ``norm="Linf"`` is the paper's ℓp generalisation (§3.3) at p = ∞: distances |f_k|/‖w_k‖₁ (the dual
+    norm) and steps along sign(w_k) — foolbox's LinfDeepFoolAttack; RAP's Table 3 has an ℓ∞ DeepFool row.
     """
+
+    NORMS = ("L2", "Linf")
+
+    def __init__(self, model, steps: int = 50, overshoot: float = 0.02, norm: str = "L2") -> None:
+        if norm not in self.NORMS:
+            raise ValueError(f"DeepFool: unknown norm {norm!r}; valid: {', '.join(self.NORMS)}")
+        super().__init__(model, steps=steps, overshoot=overshoot)
+        self.norm = norm
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.clone().detach().to(self.device)
@@ -145,14 +155,16 @@ class DeepFool(torchattacks.DeepFool):
             rows = torch.arange(len(y), device=y.device)
             f = logits - logits.gather(1, y[:, None])  # (n, K), 0 at the true class
             w = jac - jac[rows, y][:, None]  # (n, K, ...): gradients of f
-            w_norm = w.flatten(2).norm(dim=2)  # (n, K)
+            linf = self.norm == "Linf"
+            w_norm = w.flatten(2).norm(p=1 if linf else 2, dim=2)  # (n, K): the dual norm of the attack's
             dist = f.abs() / w_norm.clamp_min(1e-12)  # distances to the linearised boundaries
             dist[rows, y] = float("inf")
             k_hat = dist.argmin(1)
             w_k = w[rows, k_hat]
-            # Moosavi-Dezfooli et al.'s step: (|f_k|/‖w_k‖ + 1e-4) · w_k/‖w_k‖
-            scale = (dist[rows, k_hat] + 1e-4) / w_norm[rows, k_hat].clamp_min(1e-12)
-            r_tot[idx] = r_tot[idx] + scale.view(-1, *([1] * (images.dim() - 1))) * w_k
+            # Moosavi-Dezfooli et al.'s step: (|f_k|/‖w_k‖ + 1e-4) · w_k/‖w_k‖ (L2), (|f_k|/‖w_k‖₁ + 1e-4) · sign(w_k) (L∞)
+            dist_k = (dist[rows, k_hat] + 1e-4).view(-1, *([1] * (images.dim() - 1)))
+            step = w_k.sign() if linf else w_k / w_norm[rows, k_hat].clamp_min(1e-12).view_as(dist_k)
+            r_tot[idx] = r_tot[idx] + dist_k * step
             adv[idx] = (images[idx] + (1 + self.overshoot) * r_tot[idx]).clamp(0, 1).detach()
         return adv
 

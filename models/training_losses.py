@@ -216,27 +216,34 @@ class PGDAT(TrainingLoss):
     the inner max approximated by ℓ∞ PGD (torchattacks.PGD: uniform random start in the ball,
     ``steps`` sign steps of size α, projection, clamp to [0, 1]; model in eval mode). The outer
     loss is CE on the adversarial examples only: ``L = mean_i CE(f(x_adv_i), y_i)``.
+    ``norm="L2"``: the same with the ℓ2 ball (torchattacks.PGDL2: normalised-gradient steps, ℓ2
+    projection) — the AT(ℓ2) baseline of RAP's Table 4.
 
     Args:
-        eps: ℓ∞ radius in pixel units.
-        alpha: step size; ``None`` → 2.5·ε/steps (see :func:`madry_alpha`).
+        eps: radius in pixel units (ℓ∞ or ℓ2, by ``norm``).
+        alpha: step size; ``None`` → 2.5·ε/steps (see :func:`madry_alpha`; the same rule in ℓ2).
         steps: PGD iterations.
-        random_start: uniform start in the ε-ball (Madry et al.) instead of at x.
+        random_start: random start in the ε-ball (Madry et al.) instead of at x.
+        norm: ``"Linf"`` or ``"L2"``.
     """
 
     name = "pgd_at"
     adversarial = True
+    NORMS = {"Linf": torchattacks.PGD, "L2": torchattacks.PGDL2}
 
-    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, random_start: bool = True) -> None:
+    def __init__(self, eps: float, alpha: float | None = None, steps: int = 10, random_start: bool = True, norm: str = "Linf") -> None:
         _check_linf("PGDAT", eps, steps, alpha)
+        if norm not in self.NORMS:
+            raise ValueError(f"PGDAT: unknown norm {norm!r}; valid: {', '.join(self.NORMS)}")
         self.eps = float(eps)
         self.steps = int(steps)
         self.alpha = madry_alpha(self.eps, self.steps, alpha)
         self.random_start = bool(random_start)
+        self.norm = norm
         builder = functools.partial(
-            torchattacks.PGD, eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start
+            self.NORMS[norm], eps=self.eps, alpha=self.alpha, steps=self.steps, random_start=self.random_start
         )
-        self._attack = Attack("pgd", builder, "Linf", self.eps)
+        self._attack = Attack("pgd" if norm == "Linf" else "pgd_l2", builder, norm, self.eps)
 
     def adversary(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         with eval_mode(model):

@@ -30,7 +30,7 @@ EXPECTED = {
     "fgsm", "bim", "pgd", "pgd_dlr", "pgd_l2", "pgd_restarts", "deepfool", "cw", "eot_pgd",
     "pgd_eot_strong", "square", "apgd_ce", "apgd_dlr", "autoattack", "autoattack_fast", "ead",
     "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none", "pgd_diffdefense", "pgd40_l2",
-    "fgsm_unclipped", "deepfool_art",
+    "fgsm_unclipped", "deepfool_art", "deepfool_linf",
 }  # fmt: skip
 
 # Shrunken budgets for the CPU test (the configs' own defaults are the papers').
@@ -44,6 +44,7 @@ SHRINK = {
     "pgd_restarts": {"alpha": 0.1, "steps": 5, "restarts": 2},
     "deepfool": {"steps": 10},
     "deepfool_art": {"steps": 10},
+    "deepfool_linf": {"steps": 10},
     "cw": {"c": 10.0, "lr": 0.1, "steps": 50},
     "eot_pgd": {"alpha": 0.1, "steps": 5, "eot_iter": 2},
     "pgd_eot_strong": {"alpha": 0.1, "steps": 5, "eot_samples": 3},
@@ -55,7 +56,7 @@ SHRINK = {
     "fab": {"steps": 10},
     "ti_bim": {"steps": 5},
 }
-N_IMAGES = {"autoattack": 16, "autoattack_fast": 16, "fab": 16, "square": 32, "ead": 24, "cw": 32, "deepfool": 32}
+N_IMAGES = {"autoattack": 16, "autoattack_fast": 16, "fab": 16, "square": 32, "ead": 24, "cw": 32, "deepfool": 32, "deepfool_linf": 32}
 
 
 def _in_range(x_adv: torch.Tensor, attack: Attack) -> bool:
@@ -342,6 +343,20 @@ def test_deepfool_is_batched_and_minimal(trained_victim, batch, acc):
     assert (delta[~correct] == 0).all()  # already misclassified: untouched
     pgd = torchattacks.PGDL2(trained_victim, eps=5.0, alpha=0.5, steps=10)(x, y)
     assert delta[correct].median() < _norms(pgd - x)["L2"][correct].median()
+
+
+def test_linf_deepfool_is_minimal_in_linf(trained_victim, batch, acc):
+    """The ℓ∞ variant fools the model with a smaller ℓ∞ perturbation than the ℓ2 one (and the ℓ2 one with a smaller ℓ2)."""
+    x, y = batch[0][:32], batch[1][:32]
+    linf, l2 = DeepFool(trained_victim, steps=20, norm="Linf")(x, y), DeepFool(trained_victim, steps=20)(x, y)
+    assert acc(trained_victim, linf, y) == 0.0
+    with torch.no_grad():
+        correct = trained_victim(x).argmax(1) == y
+    d_inf, d_2 = _norms(linf - x), _norms(l2 - x)
+    assert d_inf["Linf"][correct].median() < d_2["Linf"][correct].median()
+    assert d_2["L2"][correct].median() < d_inf["L2"][correct].median()
+    with pytest.raises(ValueError, match="valid: L2, Linf"):
+        DeepFool(trained_victim, norm="L1")
 
 
 @pytest.mark.slow

@@ -273,7 +273,8 @@ def test_pgd_at_training_lowers_loss():
 
 
 # ---------------------------------------------------------------- configs
-EXPECTED = {"standard": Standard, "fgsm_at": FGSMAT, "pgd_at": PGDAT, "trades": TRADES, "mart": MART, "sgd_authors": Standard}
+EXPECTED = {"standard": Standard, "fgsm_at": FGSMAT, "pgd_at": PGDAT, "pgd_at_l2": PGDAT, "trades": TRADES, "mart": MART,
+            "sgd_authors": Standard}
 
 
 def test_every_training_config_is_tested():
@@ -282,13 +283,13 @@ def test_every_training_config_is_tested():
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_training_config_instantiates(name, model, batch):
-    cfg = OmegaConf.create({"dataset": {"eps": {"linf": 0.3}}, "training": OmegaConf.load(CONF_DIR / f"{name}.yaml")})
+    cfg = OmegaConf.create({"dataset": {"eps": {"linf": 0.3, "l2": 0.3}}, "training": OmegaConf.load(CONF_DIR / f"{name}.yaml")})
     assert cfg.training.name == name
     loss_fn = instantiate(cfg.training.loss)
     assert type(loss_fn) is EXPECTED[name]
     if EXPECTED[name] is not Standard:  # clean training (standard, the authors' SGD recipe) has no ε
         assert loss_fn.eps == pytest.approx(0.3)
-    if name in ("pgd_at", "trades", "mart"):
+    if name in ("pgd_at", "pgd_at_l2", "trades", "mart"):
         assert loss_fn.alpha == pytest.approx(2.5 * 0.3 / loss_fn.steps)
     x, y = batch
     loss, _ = loss_fn(model, x[:8], y[:8])  # the configured steps, on a small batch
@@ -334,3 +335,17 @@ def test_inside_lightning_training_and_validation_steps(name, tmp_path):
     trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters())), "no optimiser step happened"
     assert module.seen and all(0 < s <= EPS + 1e-6 for s in module.seen)
+
+
+def test_l2_pgd_at_trains_on_l2_adversaries_inside_the_l2_ball(model, batch):
+    """AT(ℓ2) (RAP Table 4): the inner attack stays in the ℓ2 ball, leaves the ℓ∞ one, and raises the loss."""
+    x, y = batch
+    x, y = x[:16], y[:16]
+    at = PGDAT(eps=1.0, steps=5, norm="L2")
+    x_adv = at.adversary(model, x, y)
+    delta = (x_adv - x).flatten(1)
+    assert float(delta.norm(dim=1).max()) <= 1.0 + 1e-4 and float(delta.abs().max()) > 2.5 * 1.0 / 5 / 784**0.5
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match="valid: Linf, L2"):
+        PGDAT(eps=1.0, norm="L1")

@@ -23,38 +23,15 @@ loop), with every submodule of the classifier in eval mode and each one's own mo
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attacks.base import check_images, eval_mode  # as models.training_losses: one definition of each
+
 NORMS = ("Linf", "L2")
 STARTS = ("uniform", "gaussian", "none")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside; each one's own train/eval flag restored on exit, even on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def check_images(x: Tensor) -> None:
-    """One clear error unless ``x`` is a finite (N, C, H, W) batch in [0, 1] (ε is in pixel units)."""
-    if x.dim() != 4:
-        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("input images contain NaN or Inf")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"input images must lie in [0, 1] (normalisation belongs inside the victim); got [{lo:.3f}, {hi:.3f}]")
 
 
 def _per_image_norm(v: Tensor) -> Tensor:
