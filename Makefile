@@ -228,40 +228,44 @@ clean:
 	rm -rf outputs multirun .cache lightning_logs wandb
 
 # CPU-scale RAP (issue 13) on the Fashion-MNIST stand-in for MNIST (Table 3 = experiment rap_mnist; no paper numbers):
-# trains the pytorch/examples CNN, its Madry PGD-AT version and the RAP adapter (rap_small, T = 20, ℓ∞ ε = 0.3, ≤ 55 min)
-# when missing, then the table on 1000 fixed test images — CNN and Madry columns, then the RAP column (1-step, white box
-# through adapter + victim), one command per row type — and the audits of RAP 1-step (128 images) and of the T-step
-# reverse process (16 images, 5 PGD steps: 190 inner gradient steps per purification). The clean RAP run also times the
-# purifier (purify_s_per_image_* in results.json; the paper: 7.35 images/s on an A6000). CPU reductions (the defaults
-# are the paper's): RAP trained ≤ 55 min at lr 1e-3 (a fraction of one epoch: each batch runs up to T = 20 attack
-# steps through adapter + victim), validated on 2 batches every 50; the reverse audit's budget.
-# Report: python -m evaluation.tables $(RAP_RUN)/<folder>.
+# trains the pytorch/examples CNN, its Madry PGD-AT version and the RAP adapter when missing, then the table on 1000
+# fixed test images — CNN and Madry columns, then the RAP column (1-step, white box through adapter + victim), one
+# command per row type — and the audits of RAP 1-step (64 images) and of the T-step reverse process (16 images).
+# The clean RAP run also times the purifier (purify_s_per_image_* in results.json; the paper: 7.35 images/s, A6000).
+# CPU reductions (the configs' defaults are the paper's; session 6 measured ~14 s per batch of 128 for T = 20 with the
+# small adapter): adapter rap_tiny (0.27 M) with T = 10 (λ = 2.5ε/10), 20 min of training at lr 1e-3 (a fraction of an
+# epoch), validated on 2 batches every 100; the CNN 2 epochs; Madry PGD-AT 10 min; DeepFool rows through RAP on 200
+# images. Two jobs at once on this 2-core machine must each run with OMP_NUM_THREADS=1 (oversubscribed threads made a
+# small U-Net 6× slower). Report: python -m evaluation.report $(RAP_RUN)/table3 (audits: $(RAP_RUN)/audit).
 RAP_RUN := multirun/rap-cpu
+RAP_ADAPTER := denoiser=rap_tiny denoiser.num_steps=10
 RAP_BASE := experiment=rap_mnist dataset=fashion_mnist dataset.eval_subset=1000 eval.progress=false
 RAP_COLS_NONE := defense=none victim_training=standard,pgd_at
-RAP_COLS_RAP := defense=rap victim_training=standard
+RAP_COLS_RAP := defense=rap victim_training=standard $(RAP_ADAPTER)
 RAP_BIM := attack=bim attack.builder.steps=20 attack.builder.alpha=0.0375
 RAP_BIM_PAPER := attack=bim attack.builder.steps=20 attack.builder.alpha=0.00784313725490196 'table.row=$${dataset.name} bim_paper_step'
 RAP_BIM_L2 := attack=pgd_l2 attack.builder.random_start=false 'table.row=$${dataset.name} bim_l2'
-RAP_AUDIT := audit=true victim=mnist_cnn dataset=fashion_mnist eval.progress=false
+RAP_AUDIT := audit=true victim=mnist_cnn dataset=fashion_mnist eval.progress=false $(RAP_ADAPTER)
 .PHONY: rap-cpu
 rap-cpu: install
-	test -f $(CPU_CKPT)/mnist_cnn-standard.pt || $(PY) train.py victim=mnist_cnn trainer.max_epochs=4 $(CPU_TRAIN)
-	test -f $(CPU_CKPT)/mnist_cnn-pgd_at.pt || $(PY) train.py victim=mnist_cnn training=pgd_at trainer.max_epochs=2 \
-	  +trainer.max_time=00:00:40:00 $(CPU_TRAIN)
-	test -f $(CPU_CKPT)/rap-rap_small-Linf-mnist_cnn-standard.pt || $(PY) train.py model=rap victim=mnist_cnn \
-	  trainer.max_epochs=5 +trainer.max_time=00:00:55:00 +trainer.val_check_interval=50 trainer.limit_val_batches=2 \
+	test -f $(CPU_CKPT)/mnist_cnn-standard.pt || $(PY) train.py victim=mnist_cnn trainer.max_epochs=2 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/mnist_cnn-pgd_at.pt || $(PY) train.py victim=mnist_cnn training=pgd_at trainer.max_epochs=1 \
+	  +trainer.max_time=00:00:10:00 $(CPU_TRAIN)
+	test -f $(CPU_CKPT)/rap-rap_tiny-Linf-mnist_cnn-standard.pt || $(PY) train.py model=rap victim=mnist_cnn $(RAP_ADAPTER) \
+	  trainer.max_epochs=5 +trainer.max_time=00:00:20:00 +trainer.val_check_interval=100 trainer.limit_val_batches=2 \
 	  +trainer.num_sanity_val_steps=0 model.optimizer.lr=1e-3 test_after_training=false $(CPU_TRAIN)
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) hydra.sweep.dir=$(RAP_RUN)/table3/none
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_paper
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_NONE) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/none_bim_l2
 	$(PY) evaluate.py $(RAP_BASE) $(RAP_COLS_RAP) attack=none eval.time_purifier=true hydra.run.dir=$(RAP_RUN)/table3/rap/clean
-	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=gaussian_noise,fgsm,deepfool,deepfool_linf hydra.sweep.dir=$(RAP_RUN)/table3/rap/main
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=gaussian_noise,fgsm hydra.sweep.dir=$(RAP_RUN)/table3/rap/main
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_PAPER) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_paper
 	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) $(RAP_BIM_L2) hydra.sweep.dir=$(RAP_RUN)/table3/rap/bim_l2
-	$(PY) -m evaluation.tables $(RAP_RUN)/table3
-	$(PY) evaluate.py $(RAP_AUDIT) defense=rap dataset.eval_subset=128 hydra.run.dir=$(RAP_RUN)/audit/rap_one_step
+	$(PY) evaluate.py -m $(RAP_BASE) $(RAP_COLS_RAP) attack=deepfool,deepfool_linf dataset.eval_subset=200 \
+	  hydra.sweep.dir=$(RAP_RUN)/table3/rap/deepfool200
+	$(PY) -m evaluation.report $(RAP_RUN)/table3
+	$(PY) evaluate.py $(RAP_AUDIT) defense=rap dataset.eval_subset=64 audit_settings.n_images=64 hydra.run.dir=$(RAP_RUN)/audit/rap_one_step
 	$(PY) evaluate.py $(RAP_AUDIT) defense=rap_reverse attack.builder.steps=5 dataset.eval_subset=16 audit_settings.n_images=16 \
 	  audit_settings.steps=5 audit_settings.square_queries=20 hydra.run.dir=$(RAP_RUN)/audit/rap_reverse
