@@ -1,0 +1,66 @@
+"""JATP ("Joint Adversarial Training based Pre-processing", issue 14): NRP's generator P (3 RRDB blocks, ``models.jatp.
+networks``) trained by ``models.jatp.module`` on full adversarial examples of target∘P, put in front of the victim.
+
+    x ↦ P(x) = clamp(NRP(x), 0, 1)          (``output: sigmoid``: σ(NRP(x)))
+
+One feed-forward pass: deterministic and differentiable, so the adaptive attack gets the exact gradient of victim∘P.
+P is trained once against one target (the paper: the TRADES ResNet-18) and put unchanged in front of others (Table 2):
+its weights file names the target it was trained against (``jatp-<victim>-<victim_training>.pt``), not the victim it
+is evaluated with.
+
+``weakened()`` is the identity: JATP without its pre-processor is the undefended victim (audit check (i)).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from defenses.base import Identity, Purifier
+from models.jatp.networks import NRPGenerator
+from models.weights import load_weights
+
+
+def jatp_train_hint(path: str | Path, victim: str, victim_training: str) -> str:
+    """The ``train.py`` command that writes ``path`` (``<checkpoint_dir>/<dataset>/jatp-<victim>-<victim_training>.pt``)."""
+    dataset = Path(path).parent.name
+    command = f"python train.py model=jatp dataset={dataset} victim={victim} victim_training={victim_training}"
+    return f"train it first with `{command}` (it needs the target's weights {victim}-{victim_training}.pt)"
+
+
+class JATP(Purifier):
+    """``x ↦ P(x)`` with the trained pre-processor (frozen here: eval mode, no parameter gradients).
+
+    Args:
+        net: the ``NRPGenerator``.
+        weights: its weights file (``python train.py model=jatp``); ``None`` keeps ``net`` as given.
+        victim_name / victim_training: the target P was trained against (for the "train it first" message only).
+    """
+
+    stochastic = False
+    differentiable = True
+
+    def __init__(self, net: NRPGenerator, weights: str | None = None, victim_name: str = "resnet18",
+                 victim_training: str = "trades") -> None:
+        super().__init__()
+        if not isinstance(net, NRPGenerator):
+            raise TypeError(f"JATP: net must be a models.jatp.networks.NRPGenerator, got {type(net).__name__}")
+        if weights is not None:
+            load_weights(net, weights, missing_hint=jatp_train_hint(weights, victim_name, victim_training))
+        self.net = net.eval().requires_grad_(False)
+        self.weights = None if weights is None else str(weights)
+
+    def train(self, mode: bool = True) -> "JATP":
+        """The pre-processor stays in eval mode whatever the wrappers around the purifier do."""
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        param = next(self.net.parameters(), None)
+        xin = x if param is None else x.to(param.dtype)
+        return self.net(xin).to(x.dtype)
+
+    def weakened(self) -> Purifier:
+        """The identity: JATP without its pre-processor is the undefended victim (audit check (i))."""
+        return Identity()

@@ -1,0 +1,48 @@
+"""JATP's loss terms (Eqs. 6–9), each a plain function of tensors so that its sign and scale can be checked by hand.
+
+* ``boosted_cross_entropy`` (Eq. 7, MART's BCE): −log p_y − log(1 − max_{k≠y} p_k), softmax probabilities, mean
+  over the batch.
+* ``feature_similarity`` (Eq. 8 with d = MSE, weighted as in Eq. 9): mean_i  MSE_i(t*(P(x̃*_i)), t*(P(x_i))) ·
+  (1 − p_y(P(x_i))), MSE_i the mean of the squared differences over image i's feature entries.
+* ``pixel_loss`` (Eq. 6): ‖P(x̃*) − x‖₂ per image, mean over the batch (``"l2"``: the equation's norm, not squared),
+  or the mean squared error over all pixels (``"mse"``, the other reading).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PIXEL_LOSSES = ("l2", "mse")
+
+
+def boosted_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Eq. 7, mean over the batch (see the module docstring)."""
+    log_probs = F.log_softmax(logits, dim=1)
+    ce = -log_probs.gather(1, y[:, None]).squeeze(1)
+    probs = log_probs.exp()
+    others = probs.scatter(1, y[:, None], float("-inf"))  # the true class never wins the max
+    top_other = others.max(dim=1).values
+    return (ce - torch.log((1.0 - top_other).clamp_min(1e-12))).mean()
+
+
+def true_class_probability(logits: Tensor, y: Tensor) -> Tensor:
+    """p_y per image (softmax)."""
+    return F.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+
+
+def feature_similarity(f_adv: Tensor, f_nat: Tensor, weight: Tensor | None = None) -> Tensor:
+    """mean_i MSE_i(f_adv, f_nat) · weight_i (``weight`` = 1 − p_y(P(x)) in Eq. 9; ``None`` = 1)."""
+    per_image = (f_adv - f_nat).pow(2).flatten(1).mean(dim=1)
+    if weight is not None:
+        per_image = per_image * weight
+    return per_image.mean()
+
+
+def pixel_loss(out: Tensor, x: Tensor, kind: str = "l2") -> Tensor:
+    """Eq. 6: ``"l2"`` = mean_i ‖out_i − x_i‖₂; ``"mse"`` = mean of (out − x)² over every pixel."""
+    if kind == "l2":
+        return (out - x).flatten(1).norm(dim=1).mean()
+    if kind == "mse":
+        return F.mse_loss(out, x)
+    raise ValueError(f"unknown pixel loss {kind!r}; valid: {', '.join(PIXEL_LOSSES)}")
