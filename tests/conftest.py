@@ -111,6 +111,26 @@ def compose(tmp_path: Path, data_dir: Path):
     return lambda name, overrides=(): compose_config(name, list(overrides), tmp_path, data_dir)
 
 
+def _missing_weights_message(cfg) -> str:
+    """Build ``cfg.defense.purifier`` whose weights file does not exist; assert the error is one FileNotFoundError line
+    and return it (each trained defense's test then checks that it names the file and the train.py command)."""
+    from hydra.utils import instantiate
+
+    from evaluation.cli import root_cause
+
+    with pytest.raises(Exception) as err:
+        instantiate(cfg.defense.purifier)
+    cause = root_cause(err.value)
+    assert isinstance(cause, FileNotFoundError) and "\n" not in str(cause), cause
+    return str(cause)
+
+
+@pytest.fixture
+def missing_weights_message():
+    """``missing_weights_message(cfg)`` → the one-line error of a trained defense whose weights file is missing."""
+    return _missing_weights_message
+
+
 def parse_grid(table: str) -> dict[tuple[str, str], str]:
     """The first Markdown table of ``evaluation.tables.render`` (the row × column grid) as {(row, column): cell}."""
     after = list(itertools.dropwhile(lambda line: not line.startswith("|"), table.splitlines()))
