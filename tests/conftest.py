@@ -111,6 +111,22 @@ def compose(tmp_path: Path, data_dir: Path):
     return lambda name, overrides=(): compose_config(name, list(overrides), tmp_path, data_dir)
 
 
+def _fit_on_batch(victim: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 60, lr: float = 1e-2) -> nn.Module:
+    """Full-batch Adam on (x, y) for ``steps`` steps; the frozen, eval-mode victim (it needs accuracy to lose)."""
+    opt = torch.optim.Adam(victim.parameters(), lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(victim(x), y).backward()
+        opt.step()
+    return victim.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def fit_on_batch():
+    """``fit_on_batch(victim, x, y)`` → the victim fitted to that batch, frozen in eval mode."""
+    return _fit_on_batch
+
+
 def _missing_weights_message(cfg) -> str:
     """Build ``cfg.defense.purifier`` whose weights file does not exist; assert the error is one FileNotFoundError line
     and return it (each trained defense's test then checks that it names the file and the train.py command)."""

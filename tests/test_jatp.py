@@ -45,18 +45,13 @@ def resnet():
 
 
 @pytest.fixture(scope="module")
-def fitted(fmnist_test_batch):
+def fitted(fmnist_test_batch, fit_on_batch):
     """(victim, x, y): a tiny conv net fitted to 128 Fashion-MNIST test images (it needs accuracy to lose)."""
     x, y = fmnist_test_batch
     x, y = x[:128], y[:128]
     torch.manual_seed(0)
     victim = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    opt = torch.optim.Adam(victim.parameters(), 1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(victim(x), y).backward()
-        opt.step()
-    return victim.eval().requires_grad_(False), x, y
+    return fit_on_batch(victim, x, y), x, y
 
 
 # -- the pre-processor ---------------------------------------------------------------------------------------

@@ -53,17 +53,11 @@ def tiny_victim(seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def fitted(fmnist_test_batch):
+def fitted(fmnist_test_batch, fit_on_batch):
     """(victim, x, y): a tiny victim fitted to 128 Fashion-MNIST test images (it needs accuracy to lose)."""
     x, y = fmnist_test_batch
     x, y = x[:128], y[:128]
-    victim = tiny_victim()
-    opt = torch.optim.Adam(victim.parameters(), 1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(victim(x), y).backward()
-        opt.step()
-    return victim.eval().requires_grad_(False), x, y
+    return fit_on_batch(tiny_victim(), x, y), x, y
 
 
 def _module(adapter: RAPAdapter, victim: nn.Module, eps: float = 0.1, **kwargs) -> RAPModule:
