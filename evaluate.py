@@ -3,6 +3,10 @@
     python evaluate.py dataset=fashion_mnist victim=classifier_a defense=none attack=pgd
     python evaluate.py -m attack=fgsm,pgd,deepfool        # a sweep; `make tables` aggregates it
     python evaluate.py audit=true                         # gradient-masking audit
+    python evaluate.py -m dataset.shard=0/4,1/4,2/4,3/4   # one evaluation in 4 shards; `make tables` merges them
+
+In a multirun a failing job does not stop the others: the sweep ends with the list of failed jobs, exit status 1;
+rerunning it with the same hydra.sweep.dir=… skips the jobs already done (evaluation/multirun.py, eval.skip_done).
 
 From Python: ``from evaluate import evaluate; evaluate(defended_model, datamodule, attack)``.
 """

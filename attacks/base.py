@@ -28,7 +28,7 @@ from attacks.wrappers import EOT, REDUCTIONS
 
 AttackBuilder = Callable[[nn.Module], Callable[..., Any]]
 
-NORMS = ("Linf", "L2", "L1", "none")
+NORMS = ("Linf", "L2", "L1", "wasserstein", "none")
 KINDS = ("gradient", "query", "minimal", "noise")
 
 
@@ -38,8 +38,11 @@ class Attack:
     Args:
         name: config name (``pgd``, ``fgsm`` …), used in results files.
         builder: ``model -> callable(x, y)``; usually ``functools.partial(torchattacks.X, **kwargs)``.
-        norm: threat-model norm of the ε-ball (``none`` for unbounded/minimal-norm attacks).
-        eps: radius of the ε-ball in pixel units, or ``None`` for unbounded attacks (DeepFool, CW…).
+        norm: threat-model norm of the ε-ball (``none`` for unbounded/minimal-norm attacks; ``wasserstein`` for
+            FWA's transport-cost ball, which the evaluation can only check by necessary conditions:
+            ``evaluation.loop.constraint_violations``).
+        eps: radius of the ε-ball in pixel units (``wasserstein``: transport cost / image mass), or ``None`` for
+            unbounded attacks (DeepFool, CW…).
         kind: ``gradient`` (white-box), ``query`` (score-based, no gradients), ``minimal``
             (minimal-norm, unbounded), ``noise`` (random, no model access).
         handles_eot: the attack averages gradients over randomness itself (EOT-PGD, the rand

@@ -7,8 +7,10 @@ Images are always float in [0, 1]: normalisation belongs to the victim so that �
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,6 +57,71 @@ def eval_subset_indices(n_test: int, n: int, chunk: int = 64) -> np.ndarray:
     size = min(chunk, n_test)
     parts = [np.random.RandomState(s).choice(n_test, size, replace=False) for s in range(math.ceil(n / size))]
     return np.concatenate(parts)[:n]
+
+
+#: ``dataset.shard``: ``i/n``, the i-th (0-based) of n shards.
+SHARD_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(value: Any) -> tuple[int, int] | None:
+    """``"i/n"`` → ``(i, n)`` with 0 ≤ i < n; ``None`` (or ``"null"``) → ``None`` (no sharding).
+
+    0-based like a rank or a Slurm array index, so ``dataset.shard=0/4,1/4,2/4,3/4`` is a 4-shard multirun; a
+    1-based reading (``4/4``) fails here in one line instead of silently evaluating the wrong images.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
+        return None
+    match = SHARD_PATTERN.match(str(value)) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"dataset.shard must be 'i/n' (the i-th of n shards, 0 <= i < n, e.g. 0/4), got {value!r}")
+    index, count = int(match[1]), int(match[2])
+    if count < 1:
+        raise ValueError(f"dataset.shard={index}/{count}: the number of shards n of 'i/n' must be at least 1")
+    if index >= count:
+        raise ValueError(f"dataset.shard={index}/{count} is out of range: shards of {count} are numbered 0/{count} … "
+                         f"{count - 1}/{count} (0-based)")
+    return index, count
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard of the evaluation set: whole batches ``[first_batch, stop_batch)`` of the unsharded run.
+
+    Shards are contiguous runs of *whole* evaluation batches, never cuts inside a batch: the metric loop seeds each
+    batch from (seed, batch index) and draws per batch, so a shard that keeps the unsharded run's batches and their
+    indices scores exactly the same examples under exactly the same random numbers (``evaluation.loop.batch_seed``).
+    Contiguous rather than strided: a shard is then one slice of the cached batch records and one range of images,
+    and a table merges shards by concatenating them in order.
+    """
+
+    index: int
+    count: int
+    first_batch: int
+    stop_batch: int
+    n_batches: int  # of the whole (unsharded) evaluation set
+    first_image: int
+    stop_image: int
+    n_images: int  # of the whole (unsharded) evaluation set
+
+    def as_dict(self) -> dict[str, Any]:
+        """What results.json records (``shard``): which part of which whole this run scored."""
+        return {"index": self.index, "count": self.count, "batches": [self.first_batch, self.stop_batch],
+                "n_batches": self.n_batches, "images": [self.first_image, self.stop_image], "n_images": self.n_images}
+
+
+def shard_of(n_images: int, batch_size: int, index: int, count: int) -> Shard:
+    """Shard ``index`` of ``count`` over ``n_images`` images served in batches of ``batch_size``.
+
+    Batch ``b`` of ``B = ceil(n_images / batch_size)`` belongs to shard ``floor(b·count / B)``, i.e. shard i holds
+    batches ``[floor(i·B/count), floor((i+1)·B/count))``: sizes differ by at most one batch. More shards than
+    batches would leave some empty, which is refused (an empty shard is a mistake in the sweep, not a result).
+    """
+    n_batches = math.ceil(n_images / batch_size)
+    first, stop = index * n_batches // count, (index + 1) * n_batches // count
+    if first >= stop:
+        raise ValueError(f"dataset.shard={index}/{count} is empty: the evaluation set has only {n_batches} batches of "
+                         f"{batch_size} images ({n_images} images); use at most {n_batches} shards")
+    return Shard(index, count, first, stop, n_batches, first * batch_size, min(stop * batch_size, n_images), n_images)
 
 
 class ImageDataModule(LightningDataModule, ABC):
@@ -170,3 +237,16 @@ class ImageDataModule(LightningDataModule, ABC):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def test_shard_dataloader(self, index: int, count: int) -> tuple[DataLoader, Shard]:
+        """The batches of shard ``index`` of ``count`` of ``test_dataloader()`` (see ``Shard``), and the shard.
+
+        The loader serves exactly the images, in the same order and the same batches, that the unsharded loader
+        serves as its batches ``shard.first_batch`` … ``shard.stop_batch − 1``; the caller numbers them from
+        ``shard.first_batch`` (``evaluation.loop.evaluate(first_batch=…)``) so every batch keeps its seed.
+        """
+        self.setup()
+        assert self.test_set is not None, "setup() builds every split"
+        shard = shard_of(len(self.test_set), self.eval_batch_size, index, count)
+        part = Subset(self.test_set, list(range(shard.first_image, shard.stop_image)))
+        return self._loader(part, self.eval_batch_size, shuffle=False), shard

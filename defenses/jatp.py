@@ -21,10 +21,16 @@ from models.jatp.networks import NRPGenerator
 from models.weights import load_weights
 
 
-def jatp_train_hint(path: str | Path, victim: str, victim_training: str) -> str:
-    """The ``train.py`` command that writes ``path`` (``<checkpoint_dir>/<dataset>/jatp-<victim>-<victim_training>.pt``)."""
+#: Training switches of the named variants (JATP′ and the ablation of Fig. 4b); any other name is trained as given.
+VARIANT_SWITCHES = {"jatp": "", "jatp_prime": " model.update_target=true", "jatp_no_pix": " model.beta=0",
+                    "jatp_no_bce": " model.bce_weight=0", "jatp_no_fsm": " model.alpha=0"}
+
+
+def jatp_train_hint(path: str | Path, victim: str, victim_training: str, variant: str = "jatp") -> str:
+    """The ``train.py`` command that writes ``path`` (``<checkpoint_dir>/<dataset>/<variant>-<victim>-<victim_training>.pt``)."""
     dataset = Path(path).parent.name
-    command = f"python train.py model=jatp dataset={dataset} victim={victim} victim_training={victim_training}"
+    switches = VARIANT_SWITCHES.get(variant, "") + ("" if variant == "jatp" else f" model.variant={variant}")
+    command = f"python train.py model=jatp dataset={dataset} victim={victim} victim_training={victim_training}{switches}"
     return f"train it first with `{command}` (it needs the target's weights {victim}-{victim_training}.pt)"
 
 
@@ -35,18 +41,19 @@ class JATP(Purifier):
         net: the ``NRPGenerator``.
         weights: its weights file (``python train.py model=jatp``); ``None`` keeps ``net`` as given.
         victim_name / victim_training: the target P was trained against (for the "train it first" message only).
+        variant: which trained P (``jatp``, ``jatp_prime``, an ablation): its weights file's prefix (message only).
     """
 
     stochastic = False
     differentiable = True
 
     def __init__(self, net: NRPGenerator, weights: str | None = None, victim_name: str = "resnet18",
-                 victim_training: str = "trades") -> None:
+                 victim_training: str = "trades", variant: str = "jatp") -> None:
         super().__init__()
         if not isinstance(net, NRPGenerator):
             raise TypeError(f"JATP: net must be a models.jatp.networks.NRPGenerator, got {type(net).__name__}")
         if weights is not None:
-            load_weights(net, weights, missing_hint=jatp_train_hint(weights, victim_name, victim_training))
+            load_weights(net, weights, missing_hint=jatp_train_hint(weights, victim_name, victim_training, variant))
         self.net = net.eval().requires_grad_(False)
         self.weights = None if weights is None else str(weights)
 

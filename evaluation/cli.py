@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from hydra.errors import InstantiationException
 
+from evaluation.multirun import in_multirun
 from models.weights import CheckpointError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -62,7 +63,12 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def report_user_errors(fn: Callable) -> Callable:
-    """Run ``fn``; a user error becomes ``error: <message>`` on stderr and exit status 2."""
+    """Run ``fn``; a user error becomes ``error: <message>`` on stderr and exit status 2.
+
+    Not inside a multirun job: there ``sys.exit`` would end the whole sweep (the local launcher runs every job in
+    this process, and ``SystemExit`` passes through Hydra's ``run_job``), so the error is re-raised for Hydra to
+    record and ``evaluation.multirun.JobSummary`` to report in one line when the other jobs have run.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -70,7 +76,7 @@ def report_user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised unless it is the user's input
             cause = root_cause(exc)
-            if isinstance(cause, USER_ERRORS):
+            if isinstance(cause, USER_ERRORS) and not in_multirun():
                 print(f"error: {cause}", file=sys.stderr)
                 sys.exit(2)
             raise

@@ -70,12 +70,38 @@ def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.norm(p=2, dim=1)
 
 
+def wasserstein_lower_bound(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """Per-image lower bound on the normalised transport cost (cost / Σx, the unit of FWA's ε) of *any* plan
+    taking ``x`` to ``x_adv``: ½‖x_adv − x‖₁ / Σx.
+
+    Every pixel's surplus or deficit must be carried by mass that leaves or enters it, so a plan moves at least
+    ½‖δ‖₁ of mass, each unit at least one pixel (cost ≥ 1). A final clamp to [0, 1] only shrinks |δ| (x ≤ 1), so
+    the bound still holds for a clamped transported image. It is only a lower bound: an image can pass it and
+    still be outside the ball (mass moved far), which is why the check is reported as necessary-only."""
+    return 0.5 * (x_adv - x).flatten(1).abs().sum(1) / x.flatten(1).sum(1).clamp_min(1e-12)
+
+
+def perturbation_size(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-image size of the perturbation in the attack's own norm (``wasserstein``: :func:`wasserstein_lower_bound`)."""
+    if norm == "wasserstein":
+        return wasserstein_lower_bound(x, x_adv)
+    return perturbation_norm(x_adv - x, norm)
+
+
 def constraint_violations(x: torch.Tensor, x_adv: torch.Tensor, attack: Attack | None, tol: float = 1e-5) -> torch.Tensor:
-    """Boolean mask of adversarial examples that break the threat model."""
+    """Boolean mask of adversarial examples that break the threat model.
+
+    ``wasserstein`` balls cannot be checked exactly from pixels without solving a transport problem per image;
+    the check is the two *necessary* conditions — no channel gains mass (transport moves mass, a clamp only removes
+    it) and :func:`wasserstein_lower_bound` ≤ ε — so a flagged image is certainly outside the ball, an unflagged
+    one is not certified inside (``evaluation.runner.check_threat_model`` writes that into results.json)."""
     bad = ~torch.isfinite(x_adv).flatten(1).all(1)
     bad |= (x_adv.flatten(1).amin(1) < -tol) | (x_adv.flatten(1).amax(1) > 1 + tol)
     if attack is not None and attack.bounded:
-        bad |= perturbation_norm(x_adv - x, attack.norm) > attack.eps * (1 + 1e-4) + tol
+        bad |= perturbation_size(x, x_adv, attack.norm) > attack.eps * (1 + 1e-4) + tol
+        if attack.norm == "wasserstein":
+            mass, mass_adv = x.flatten(2).sum(2), x_adv.flatten(2).sum(2)
+            bad |= ((mass_adv - mass) > 1e-4 * mass.clamp_min(1.0)).any(1)
     return bad
 
 
@@ -176,7 +202,7 @@ def evaluate_batch(
         clean_correct_majority=None if clean_majority is None else int(clean_majority.sum()),
         attack_success=None if clean_majority is None else int((clean_majority & ~robust_majority).sum()),
         violations=int(bad.sum()),
-        max_perturbation=float(perturbation_norm(x_adv - x, attack.norm if attack else "Linf").max()),
+        max_perturbation=float(perturbation_size(x, x_adv, attack.norm if attack else "Linf").max()),
         seconds=time.perf_counter() - start,
     )
     return record, x_adv, clean
@@ -221,6 +247,7 @@ def evaluate(
     clean_cache_file: str | Path | None = None,
     adv_cache_dir: str | Path | None = None,
     score_clean: bool = True,
+    first_batch: int = 0,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``defended`` under ``attack`` — callable from a notebook.
 
@@ -240,9 +267,12 @@ def evaluate(
             (the caller keys it so); used only when ``threat.defense_independent``.
         score_clean: ``False`` skips purifying the clean images (clean metrics None, unless cached) — for
             tables that report robust accuracy only, where a slow purifier's clean pass would double the cost.
+        first_batch: index of ``data``'s first batch in the whole evaluation set: a shard of it
+            (``datamodules.base.Shard``) keeps its batches' indices, hence their seeds, cache records and numbers.
 
     Returns:
-        A dict of metrics (percentages) — see ``summarise``.
+        A dict of metrics (percentages) — see ``summarise`` — plus ``batch_records``, the per-batch counts they sum
+        (``BatchRecord`` as dicts, by batch index), from which shards of one evaluation merge exactly.
     """
     if not isinstance(defended, Defended):
         defended = Defended(Identity(), defended)
@@ -267,8 +297,8 @@ def evaluate(
     label = attack.name if attack is not None else "clean"
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(label, total=total)
-        for index, (x, y) in enumerate(batches):
-            if max_batches is not None and index >= max_batches:
+        for index, (x, y) in enumerate(batches, start=first_batch):
+            if max_batches is not None and index - first_batch >= max_batches:
                 break
             if index in done:
                 records.append(done[index])
@@ -282,7 +312,7 @@ def evaluate(
                     record, x_adv, clean = evaluate_batch(
                         defended, attacked, attack, x, y, index, n_draws, seed, clean_in, adv_cache, score_clean
                     )
-                    if grid_path is not None and index == 0:
+                    if grid_path is not None and index == first_batch:
                         save_grid(defended, x, x_adv, grid_path)
                 if clean_cache_file and cached is None and clean is not None:
                     append_jsonl(clean_cache_file, {"index": index, "draws": draws, "correct": clean.cpu().tolist()})
@@ -292,7 +322,7 @@ def evaluate(
             running = summarise(records)
             clean_text = "–" if running["clean_acc"] is None else f"{running['clean_acc']:.1f}%"
             bar.update(task, advance=1, description=f"{label}: clean {clean_text} robust {running['robust_acc']:.1f}%")
-    return {**summarise(records), "n_draws": n_draws if defended.stochastic else 1}
+    return {**summarise(records), "n_draws": n_draws if defended.stochastic else 1, "batch_records": [asdict(r) for r in records]}
 
 
 @torch.no_grad()

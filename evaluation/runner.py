@@ -1,6 +1,7 @@
 """From a resolved Hydra config to result files: build the pieces, run the loop or the audit, write."""
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.metadata
@@ -14,9 +15,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Attack
+from datamodules.base import Shard, parse_shard
 from defenses.base import Defended
 from evaluation.audit import format_report, run_audit
 from evaluation.loop import evaluate
+from evaluation.multirun import in_multirun
 from evaluation.results import device_name, git_commit, write_csv_atomic, write_json_atomic
 
 #: Config keys that do not change the numbers, left out of the resume-cache key.
@@ -29,7 +32,8 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_PACKAGES = ("datamodules", "models", "defenses", "attacks", "evaluation")
 #: Left out of the source hash: they only read, format or print results (or guard the command line), so
 #: editing a table layout must not throw away hours of cached attacks.
-PRESENTATION_MODULES = ("evaluation/tables.py", "evaluation/report.py", "evaluation/plots.py", "evaluation/bench.py", "evaluation/cli.py")
+PRESENTATION_MODULES = ("evaluation/tables.py", "evaluation/report.py", "evaluation/plots.py", "evaluation/bench.py", "evaluation/cli.py",
+                        "evaluation/multirun.py", "evaluation/wandb_sweep.py")
 #: Installed distributions whose releases change attacks or numerics (torchattacks/AutoAttack defects, kernels).
 VERSIONED_PACKAGES = ("torch", "torchattacks", "pyautoattack")
 
@@ -162,11 +166,68 @@ def run_metadata(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
+def shard_setting(cfg: DictConfig) -> tuple[int, int] | None:
+    """``dataset.shard`` as ``(i, n)`` (``None``: unsharded); one-line ``ValueError`` for a bad string or a mode that
+    cannot be sharded. The audit, detection and certification each run on the whole set; ``eval.max_batches`` would
+    shard a truncated run whose shards no longer add up to it (pick the images with ``dataset.eval_subset``)."""
+    shard = parse_shard(cfg.dataset.get("shard"))
+    if shard is None:
+        return None
+    for mode in ("audit", "detection", "certify"):
+        if cfg.get(mode):
+            raise ValueError(f"dataset.shard shards the attack evaluation only; {mode}=true runs on the whole evaluation set")
+    if cfg.eval.get("max_batches") is not None:
+        raise ValueError("dataset.shard with eval.max_batches: choose the images with dataset.eval_subset and shard those "
+                         "(shards of a truncated run do not add up to it)")
+    return shard
+
+
+def unsharded_key(cfg: DictConfig, device: torch.device) -> str:
+    """``cache_key`` of ``cfg`` with ``dataset.shard`` unset: the same for every shard of one evaluation (and for the
+    unsharded run) on the same code, library versions, device kind and weights, so ``make tables`` merges exactly
+    the shards that belong together and refuses shards computed by different code or weights."""
+    whole = copy.deepcopy(cfg)
+    OmegaConf.update(whole, "dataset.shard", None, merge=False)
+    return cache_key(whole, device=device)
+
+
+def finished_result(cfg: DictConfig, out_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    """The run folder's results.json when it is this very run's — in a multirun with ``eval.skip_done`` — else None.
+
+    "This very run" = the same resolved config, every key (so adding ``eval.time_purifier=true`` redoes the job), and
+    the same ``run_key`` (code, library versions, device kind, weights files: ``cache_key``). A rerun of a sweep with
+    its ``hydra.sweep.dir`` thus skips the finished jobs and runs the failed or missing ones; skipping is said in one
+    line. Single runs get a fresh folder each time and are never skipped; the audit, detection and certification
+    write other files and rerun from their own caches.
+    """
+    if not cfg.eval.get("skip_done", True) or not in_multirun() or any(cfg.get(m) for m in ("audit", "detection", "certify")):
+        return None
+    path = out_dir / "results.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    current = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    if not isinstance(stored, dict) or stored.get("config") != current or stored.get("run_key") != cache_key(cfg, device=device):
+        return None
+    print(f"skipped: {path} already holds this job's results (identical config, code and weights; eval.skip_done=false redoes it)",
+          flush=True)
+    return stored
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate one table cell and write results.json / results.csv / grid.png into the run folder."""
+    """Evaluate one table cell and write results.json / results.csv / grid.png into the run folder.
+
+    ``dataset.shard=i/n``: only the i-th of n shards of whole evaluation batches, each under the unsharded run's batch
+    index and seed (``datamodules.base.Shard``); results.json records the shard and the per-batch counts, from which
+    ``evaluation.tables`` merges the n shards into the unsharded numbers."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.paths.output_dir)
+    shard_index = shard_setting(cfg)
+    done = finished_result(cfg, out_dir, device)
+    if done is not None:
+        return done
     datamodule = instantiate(cfg.dataset.datamodule)
     defended = build_defended(cfg).to(device)
     attack = instantiate(cfg.attack)
@@ -195,9 +256,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg, device=device)}.jsonl" if cfg.eval.resume else None
     clean_key = cache_key(cfg, ignore=("attack", "threat"), device=device)
     clean_cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{clean_key}-clean.jsonl" if cfg.eval.resume else None
+    data, shard = datamodule, None
+    if shard_index is not None:
+        data, shard = datamodule.test_shard_dataloader(*shard_index)
+        print(f"shard {shard.index}/{shard.count}: batches {shard.first_batch}–{shard.stop_batch - 1} of {shard.n_batches} "
+              f"(images {shard.first_image}–{shard.stop_image - 1} of {shard.n_images})", flush=True)
     metrics = evaluate(
         defended,
-        datamodule,
+        data,
         attack,
         threat,
         n_draws=cfg.eval.n_draws,
@@ -210,6 +276,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         clean_cache_file=clean_cache_file,
         adv_cache_dir=adv_cache_dir,
         score_clean=cfg.eval.get("score_clean", True),
+        first_batch=0 if shard is None else shard.first_batch,
     )
     # Before any result file: a number measured outside the threat model is not a robust accuracy. The batch
     # records keep their violation counts, so a resumed rerun reads them back and stops here again.
@@ -219,6 +286,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         **metrics,
         "purifier": purifier_settings(defended.purifier),
         "cache_file": str(cache_file) if cache_file else None,
+        "run_key": cache_key(cfg, device=device),
+        "shard": None if shard is None else shard_record(shard, unsharded_key(cfg, device)),
     }
     if cfg.eval.get("image_quality"):
         result.update(purified_image_quality(defended.purifier, datamodule, device, cfg.seed))
@@ -228,9 +297,22 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
         result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
     write_json_atomic(out_dir / "results.json", result)
-    write_csv_atomic(out_dir / "results.csv", [{k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance", "purifier")}])
+    write_csv_atomic(out_dir / "results.csv", [csv_row(result)])
     log_summary(cfg, result)
     return result
+
+
+def shard_record(shard: Shard, cell: str) -> dict[str, Any]:
+    """results.json's ``shard``: which part of which whole (``cell``: ``unsharded_key``) this run scored."""
+    return {**shard.as_dict(), "cell": cell}
+
+
+def csv_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat CSV row of a result: nested blocks left to results.json, a shard as ``i/n``."""
+    row = {k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance", "purifier", "batch_records", "shard")}
+    if result.get("shard"):
+        row["shard"] = f"{result['shard']['index']}/{result['shard']['count']}"
+    return row
 
 
 #: Purifier attributes resolved at construction (t* matched from another schedule, votes …) that results record.
@@ -253,9 +335,23 @@ def check_threat_model(attack: Attack, metrics: dict[str, Any]) -> None:
     paper-protocol preset such as ``fgsm_unclipped``, the DiffDefense authors' unclipped FGSM). Its violations are
     recorded instead of refused, loudly: ``metrics`` (hence results.json and results.csv) gains
     ``outside_threat_model: True`` and a one-line ``threat_model_note``, and a warning is printed. An ε-ball
-    violation of such an attack still raises: the declaration covers the box only."""
+    violation of such an attack still raises: the declaration covers the box only.
+
+    A ``wasserstein`` attack (FWA) is checked by necessary conditions only (``evaluation.loop.constraint_violations``):
+    when none fails, ``metrics`` gains ``threat_model_check: "necessary"`` and a ``threat_model_note`` saying so, so a
+    table never reads it as a certified ball membership; membership rests on the attack's own feasible plan."""
     violations = int(metrics.get("violations") or 0)
-    norm = attack.norm if attack.norm in ("Linf", "L2", "L1") else "L2"  # as evaluation.loop.perturbation_norm
+    # as evaluation.loop.perturbation_size (the wasserstein size is the transport-cost lower bound)
+    norm = attack.norm if attack.norm in ("Linf", "L2", "L1", "wasserstein") else "L2"
+    if norm == "wasserstein" and violations <= 0 and not getattr(attack, "outside_threat_model", False):
+        metrics["threat_model_check"] = "necessary"
+        metrics["threat_model_note"] = (
+            f"Wasserstein ball (ε = {attack.eps:g} of the image mass) checked by necessary conditions only: no channel "
+            f"gained mass and the transport-cost lower bound ½‖δ‖₁/Σx ≤ ε (max {metrics.get('max_perturbation', float('nan')):.4g}); "
+            "membership itself rests on the attack's feasible transport plan (attacks/fwa.py, tests/test_fwa.py)"
+        )
+        print(f"NOTE: {metrics['threat_model_note']}", flush=True)
+        return
     max_perturbation = float(metrics.get("max_perturbation", float("nan")))
     if getattr(attack, "outside_threat_model", False):
         # Same tolerance as evaluation.loop.constraint_violations.
@@ -393,7 +489,8 @@ def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out
             break
     x, y = torch.cat(xs)[: s.n_images].to(device), torch.cat(ys)[: s.n_images].to(device)
     norm = attack.norm if attack.norm in ("Linf", "L2") else "Linf"
-    eps = attack.eps if attack.bounded else float(cfg.dataset.eps.linf)
+    # The audit's own PGD probes need an ε of their norm: an L1 or Wasserstein radius is not an L∞ one.
+    eps = attack.eps if attack.bounded and attack.norm == norm else float(cfg.dataset.eps.linf)
     surrogate = getattr(threat, "surrogate", None)
     report = run_audit(
         defended, x, y, eps=eps, norm=norm, steps=s.steps, eot_samples=s.eot_samples, n_draws=cfg.eval.n_draws,

@@ -14,6 +14,15 @@ Two kinds of rows are added to the grid besides one per run:
 * ``<row> (quoted)``: the experiment's ``paper_quoted: {row: {column: value}}`` (rows of the paper's table this
   framework does not run, read from the resolved ``config`` in results.json), shown as ``– (paper)``: nothing of
   ours, the paper's number in parentheses.
+
+A cell run under several seeds (``seed=0,1,2``) shows ``mean ± std (k seeds)`` over them (the sample standard
+deviation; JATP reports its tables that way). Runs of one cell under the same seed are not averaged: the last read wins.
+
+Shards (``dataset.shard=i/n``, a multirun over i) of one evaluation are merged into one result before anything is
+shown: their per-batch counts (``batch_records``) are concatenated in batch order and summed exactly as the unsharded
+run sums its own, so the merged row has the unsharded run's numbers, and a note says "merged n/n shards". Shards
+belong together when their ``shard.cell`` (the run's cache key without the shard: config, code, versions, device kind,
+weights) agrees; a cell with a missing or a duplicate shard is refused in one line rather than shown in part.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +46,12 @@ N_SEVERITIES = 5
 QUOTED_SUFFIX = " (quoted)"
 
 
-def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
+class ShardMergeError(ValueError):
+    """A cell whose shards cannot be merged (missing, duplicate or inconsistent): said in one line."""
+
+
+def load_results(run_dir: str | Path, merge: bool = True) -> list[dict[str, Any]]:
+    """Every results.json under ``run_dir``, with the shards of each evaluation merged into one (``merge_shards``)."""
     files = sorted(Path(run_dir).rglob("results.json"))
     results = []
     for f in files:
@@ -44,7 +59,65 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
             results.append(json.loads(f.read_text()))
         except json.JSONDecodeError as e:
             print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
-    return results
+    return merge_shards(results) if merge else results
+
+
+def _is_shard(result: dict[str, Any]) -> bool:
+    shard = result.get("shard")
+    return isinstance(shard, dict) and "index" in shard and "cell" in shard
+
+
+def _cell_name(result: dict[str, Any]) -> str:
+    row, suffix, col = _labels(result)
+    return f"cell {row}{suffix} × {col} ({result.get('dataset')}, {result.get('threat')})"
+
+
+def merge_shards(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` with the shards of each evaluation (same ``shard.cell``) replaced by one merged result, placed
+    where its first shard was; unsharded results pass through. Raises ``ShardMergeError`` (one line) for a cell
+    with shards missing or duplicated."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    order: list[dict[str, Any] | str] = []
+    for r in results:
+        if not _is_shard(r):
+            order.append(r)
+            continue
+        cell = str(r["shard"]["cell"])
+        if cell not in groups:
+            order.append(cell)
+        groups.setdefault(cell, []).append(r)
+    return [merge_cell(groups[item]) if isinstance(item, str) else item for item in order]
+
+
+def merge_cell(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the n shards of one evaluation: the metrics are ``evaluation.loop.summarise`` of the shards'
+    batch records in batch order — the very sum the unsharded run computes — and the other fields are shard 0's
+    (labels, config, provenance, diagnostics of the first batch)."""
+    name = _cell_name(parts[0])
+    counts = sorted({int(p["shard"]["count"]) for p in parts})
+    if len(counts) > 1:
+        raise ShardMergeError(f"cannot merge {name}: shards of {' and '.join(map(str, counts))} mixed in one folder")
+    n = counts[0]
+    indices = [int(p["shard"]["index"]) for p in parts]
+    missing = sorted(set(range(n)) - set(indices))
+    duplicate = sorted({i for i in indices if indices.count(i) > 1})
+    if missing or duplicate:
+        problems = ([f"missing shard {', '.join(f'{i}/{n}' for i in missing)}"] if missing else []) + (
+            [f"duplicate shard {', '.join(f'{i}/{n}' for i in duplicate)}"] if duplicate else [])
+        raise ShardMergeError(f"cannot merge {name}: {' and '.join(problems)} (have {len(parts)} of {n}; "
+                              "run the missing ones or remove the extra folders — a table never shows part of a cell)")
+    parts = sorted(parts, key=lambda p: int(p["shard"]["index"]))
+    records = [record for p in parts for record in p.get("batch_records") or []]
+    n_batches = int(parts[0]["shard"]["n_batches"])
+    if [int(record["index"]) for record in records] != list(range(n_batches)):
+        raise ShardMergeError(f"cannot merge {name}: the shards' batch records do not cover batches 0–{n_batches - 1} once each")
+    from evaluation.loop import BatchRecord, summarise  # torch and the loop only when there is something to merge
+
+    summary = summarise([BatchRecord(**{f.name: record[f.name] for f in fields(BatchRecord)}) for record in records])
+    first = parts[0]["shard"]
+    shard = {"merged": n, "count": n, "cell": first["cell"], "batches": [0, n_batches], "n_batches": n_batches,
+             "images": [0, int(first["n_images"])], "n_images": int(first["n_images"])}
+    return {**parts[0], **summary, "batch_records": records, "shard": shard}
 
 
 def _fmt(v: Any) -> str:
@@ -97,6 +170,21 @@ def paper_quoted(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return quoted
 
 
+def seeds_cell(runs: list[dict[str, Any]]) -> str:
+    """``mean ± std (k seeds) (paper)`` of one cell run under k seeds (``seed=0,1,2``; JATP's tables report
+    mean ± std): the sample standard deviation of the robust accuracy (of its mean over draws for a stochastic
+    defense, whose worst case is then shown as the mean over seeds after a slash)."""
+    values = [float(r["robust_acc"]) for r in runs]
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    cell = f"{_fmt(mean)} ± {_fmt(std)}"
+    if any(map(is_stochastic, runs)) and all(r.get("robust_acc_worst") is not None for r in runs):
+        cell += f" / {_fmt(sum(float(r['robust_acc_worst']) for r in runs) / len(runs))}"
+    cell += f" ({len(runs)} seeds)"
+    paper = next((r.get("paper") for r in runs if r.get("paper") is not None), None)
+    return cell + (f" ({_fmt(float(paper))})" if paper is not None else "")
+
+
 def severity_mean_cell(by_severity: dict[int, dict[str, Any]], paper: Any = None) -> str:
     """``mean [/ mean worst] [(k/5 severities)] [(paper)]`` over the results of one (row prefix, column)."""
     runs = [r for _, r in sorted(by_severity.items()) if r.get("robust_acc") is not None]
@@ -122,12 +210,16 @@ def grid_table(results: list[dict[str, Any]]) -> str:
     # (prefix, threat suffix) → {column: {severity: result}}; row label → ((prefix, suffix), severity)
     groups: dict[tuple[str, str], dict[str, dict[int, dict[str, Any]]]] = {}
     severity_of: dict[str, tuple[tuple[str, str], int]] = {}
+    by_cell: dict[tuple[str, str], dict[Any, dict[str, Any]]] = {}
     for r in results:
         raw, suffix, col = _labels(r)
         row = raw + suffix
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
         cells[(row, col)] = robust_cell(r)
+        by_cell.setdefault((row, col), {})[r.get("seed")] = r
+        if len(by_cell[(row, col)]) > 1 and r.get("robust_acc") is not None:
+            cells[(row, col)] = seeds_cell([x for x in by_cell[(row, col)].values() if x.get("robust_acc") is not None])
         m = SEVERITY_ROW.match(raw)
         if m:
             key = (m["prefix"], suffix)
@@ -162,8 +254,13 @@ def grid_table(results: list[dict[str, Any]]) -> str:
 
 
 def grid_notes(results: list[dict[str, Any]]) -> list[str]:
-    """Lines explaining the grid's added rows, when it has any."""
+    """Lines explaining the grid's added rows and merged shards, when it has any."""
     notes = []
+    for r in results:
+        shard = r.get("shard") or {}
+        if shard.get("merged"):
+            notes.append(f"{_cell_name(r)}: merged {shard['merged']}/{shard['count']} shards "
+                         f"({shard['n_batches']} batches, {shard['n_images']} images).")
     if any(SEVERITY_ROW.match(_labels(r)[0]) for r in results):
         notes.append(f"Rows `… mean`: the mean over corruption severities 1–{N_SEVERITIES} of the `… s<k>` rows above it "
                      f"(`(k/{N_SEVERITIES} severities)` when only k ran); the paper's number is the one it states at the mean.")
@@ -173,13 +270,23 @@ def grid_notes(results: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _shard_label(result: dict[str, Any]) -> str:
+    shard = result.get("shard") or {}
+    if shard.get("merged"):
+        return f"{shard['merged']}/{shard['count']} merged"
+    return f"{shard['index']}/{shard['count']}" if "index" in shard else "–"
+
+
 def long_table(results: list[dict[str, Any]]) -> str:
     timing = tuple(k for k in TIMING_COLUMNS if any(r.get(k) is not None for r in results))
-    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + ("paper",)
+    # "n/n merged" beside a merged row (so it reads apart from an unsharded run of the same cell), when there is one.
+    shards = ("shards",) if any(r.get("shard") for r in results) else ()
+    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + shards + ("paper",)
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     order = ("dataset", "victim", "victim_training", "defense", "threat", "attack")
     for r in sorted(results, key=lambda r: tuple(str(r.get(k)) for k in order)):
-        fmt = lambda k: f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k))  # noqa: E731
+        fmt = lambda k: (_shard_label(r) if k == "shards" else  # noqa: E731
+                         f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k)))
         lines.append("| " + " | ".join(fmt(k) for k in keys) + " |")
     return "\n".join(lines)
 
@@ -218,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_dir = Path(args.run_dir) if args.run_dir else latest_run()
         text = render(run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ShardMergeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_text_atomic(run_dir / "tables.md", text)

@@ -48,24 +48,31 @@ class WhiteBoxAdaptive(ThreatModel):
         both_paths: for purifiers that declare ``also_bpda`` (an exact gradient through a long chain,
             e.g. DiffDefense's unrolled search), attack along the exact gradient *and* identity BPDA and
             keep, per image, the candidate with the lower accuracy over draws (``evaluation.loop``).
+        gradient: ``exact`` (the default: the purifier's own gradient wherever it has one) or ``bpda`` (every
+            purifier behind BPDA, its ``bpda_approximation`` or the identity, even a differentiable one). ``bpda``
+            is a *comparison* (JATP's Fig. 4a: BPDA+PGD vs PGD per pre-processor), never the sound default.
     """
 
     name = "white_box_adaptive"
+    GRADIENTS = ("exact", "bpda")
 
-    def __init__(self, eot_samples: int = 10, bpda: bool = True, both_paths: bool = True) -> None:
+    def __init__(self, eot_samples: int = 10, bpda: bool = True, both_paths: bool = True, gradient: str = "exact") -> None:
+        if gradient not in self.GRADIENTS:
+            raise ValueError(f"threat.model.gradient: unknown value {gradient!r}; valid: {', '.join(self.GRADIENTS)}")
         self.eot_samples = int(eot_samples)
         self.bpda = bpda
         self.both_paths = both_paths
+        self.gradient = gradient
 
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
-        if self.bpda and not defended.differentiable:
+        if self.gradient == "bpda" or (self.bpda and not defended.differentiable):
             return self._with_eot(bpda_defended(defended), defended, attack)
         return self._with_eot(defended, defended, attack)
 
     def attacked_models(self, defended: Defended, attack: Attack) -> list[nn.Module]:
         """The exact-gradient model, and the identity-BPDA one where the purifier asks for both (``also_bpda``)."""
         models = [self.attacked_model(defended, attack)]
-        if self.both_paths and defended.differentiable and getattr(defended.purifier, "also_bpda", False) and attack.kind != "query":
+        if self.gradient == "exact" and self.both_paths and defended.differentiable and getattr(defended.purifier, "also_bpda", False) and attack.kind != "query":
             models.append(self._with_eot(bpda_defended(defended), defended, attack))
         return models
 

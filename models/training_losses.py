@@ -21,6 +21,8 @@ can be checked on its own. Every adversary:
 FGSM-AT and PGD-AT reuse ``attacks.base.Attack`` around torchattacks' ``FGSM``/``PGD``. TRADES and
 MART need the official codes' start (x + 0.001·N(0, 1)) and, for TRADES, a KL objective that
 torchattacks lacks, so they share one small sign-gradient ascent, :func:`sign_gradient_ascent`.
+MMA's adversary is a *margin* adversary (per-example ε found by bisection, up to 1.05·d_max), so it
+lies in the ℓ∞ ball of its own ε rather than of a fixed one (:meth:`MMA.an_pgd`).
 
 Inputs must be images in [0, 1] (ε is in pixel units); normalisation belongs inside the model.
 """
@@ -44,6 +46,9 @@ __all__ = [
     "PGDAT",
     "TRADES",
     "MART",
+    "MMA",
+    "soft_logit_margin",
+    "logit_margin",
     "madry_alpha",
     "sign_gradient_ascent",
 ]
@@ -363,4 +368,184 @@ class MART(TrainingLoss):
             "robust_loss": robust_loss.detach(),
             "clean_acc": _accuracy(logits, y),
             "adv_acc": _accuracy(logits_adv, y),
+        }
+
+
+def soft_logit_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example ``logsumexp_{j≠y} z_j − z_y`` (advertorch's ``SoftLogitMarginLoss``, MMA's attack and search
+    loss). It is ≥ 0 exactly when p_y ≤ ½: the "soft" misclassification the MMA reference bisects on."""
+    is_true = F.one_hot(y, num_classes=logits.shape[1]).bool()
+    return torch.logsumexp(logits.masked_fill(is_true, float("-inf")), dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
+def logit_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example ``max_{j≠y} z_j − z_y`` (advertorch's ``elementwise_margin``): ≥ 0 exactly when argmax ≠ y
+    (ties count)."""
+    is_true = F.one_hot(y, num_classes=logits.shape[1]).bool()
+    return logits.masked_fill(is_true, float("-inf")).amax(dim=1) - logits.gather(1, y[:, None]).squeeze(1)
+
+
+class MMA(TrainingLoss):
+    """MMA training (Ding et al., ICLR 2020, "MMA Training: Direct Input Space Margin Maximization through
+    Adversarial Training"), as the official code ``BorealisAI/mma_training`` (``trainer.py``, ``anpgd.py``) computes
+    it, ℓ∞:
+
+        L = c · mean_i CE(f(x_i), y_i)
+            + (1 − c) · (1/N) [ Σ_{i correct, ε_i < d_max} CE(f(x_i + δ_i), y_i) + Σ_{i wrong} CE(f(x_i), y_i) ]
+
+    with c = ``clean_loss_coeff`` (1/3; 0 gives the paper's OMMA), "correct" = soft logit margin of the clean
+    logits < 0 (p_y > ½), and δ_i the AN-PGD *margin* adversary: PGD at the example's current ε, then a bisection
+    on ε along that PGD direction for the smallest ε whose image is (softly) misclassified, in [0, 1.05·d_max].
+    Maximising the margin ε_i is done by minimising CE at the boundary point, only while ε_i < d_max (the hinge).
+    The reference combines the gradients of the two terms with weights c and 1 − c after two backward passes;
+    the gradient of the weighted sum returned here is the same.
+
+    What is simplified or chosen here (recorded in docs/decisions.md):
+
+    - **ε memory**: the reference remembers each training example's last ε by dataset index and starts its PGD there
+      (never below ``mineps``). Objectives here see (x, y) only (and augmentation changes x every epoch), so every
+      correct example starts from the mean ε found on the previous batch (``mineps`` at first, never below it).
+    - **which end of the bracket**: the reference returns the bisection's last midpoint, which can sit on the
+      correct side of the boundary; here the bracket's upper end, which was seen to misclassify (or 1.05·d_max if
+      nothing did, which the hinge then drops). They differ by at most 1.05·d_max / 2^search_steps.
+    - the bisection runs in eval mode without gradients (the reference's runs in train mode: its BatchNorm
+      statistics also absorbed the 10 search batches), and the adversary is clamped to [0, 1] (the reference
+      returns x + ε·unit unclamped while it searched on clamped images).
+
+    Args:
+        eps: the threat model's ℓ∞ radius (``dataset.eps.linf``): the unit of the default ``hinge_maxeps``.
+        hinge_maxeps: d_max; ``None`` → 4·eps (MMA-32 = 32/255 at ε = 8/255, the reference's largest CIFAR-10 ℓ∞
+            model; MMA-12 and MMA-20 are 1.5·eps and 2.5·eps).
+        mineps: the smallest starting ε of AN-PGD (reference: 0.005 for ℓ∞ CIFAR-10, 0.1 for MNIST).
+        steps: PGD iterations (reference CIFAR-10: 10), step ``eps_iter_scale`` · ε_i / steps (reference 2.5).
+        search_steps: bisection steps (reference: 10).
+        clean_loss_coeff: c, the clean-loss weight (reference: 1/3).
+        maxeps_factor: the search's upper end is this × d_max (reference: 1.05).
+        search_loss: ``slm`` (reference: the bisection and the PGD maximise the soft logit margin) or ``lm`` (the
+            hard logit margin: "misclassified" then means argmax ≠ y).
+    """
+
+    name = "mma"
+    adversarial = True
+    MARGINS = {"slm": soft_logit_margin, "lm": logit_margin}
+
+    def __init__(
+        self,
+        eps: float,
+        hinge_maxeps: float | None = None,
+        mineps: float = 0.005,
+        steps: int = 10,
+        eps_iter_scale: float = 2.5,
+        search_steps: int = 10,
+        clean_loss_coeff: float = 1.0 / 3.0,
+        maxeps_factor: float = 1.05,
+        search_loss: str = "slm",
+    ) -> None:
+        _check_linf("MMA", eps, steps)
+        if search_loss not in self.MARGINS:
+            raise ValueError(f"MMA: unknown search_loss {search_loss!r}; valid: {', '.join(self.MARGINS)}")
+        hinge = 4.0 * float(eps) if hinge_maxeps is None else float(hinge_maxeps)
+        if not hinge > 0:
+            raise ValueError(f"MMA: hinge_maxeps (d_max) must be > 0 (or null for 4·eps), got {hinge_maxeps}")
+        if maxeps_factor < 1:
+            raise ValueError(f"MMA: maxeps_factor must be >= 1 (the search must reach d_max), got {maxeps_factor}")
+        if not 0 <= mineps < hinge * maxeps_factor:
+            raise ValueError(
+                f"MMA: mineps must lie in [0, maxeps_factor·d_max) = [0, {hinge * maxeps_factor:g}), got {mineps}"
+            )
+        if not 0.0 <= clean_loss_coeff <= 1.0:
+            raise ValueError(f"MMA: clean_loss_coeff must lie in [0, 1], got {clean_loss_coeff}")
+        if search_steps < 1 or eps_iter_scale <= 0:
+            raise ValueError(
+                f"MMA: search_steps must be >= 1 and eps_iter_scale > 0, got {search_steps}, {eps_iter_scale}"
+            )
+        self.eps = float(eps)
+        self.hinge_maxeps = hinge
+        self.maxeps = hinge * float(maxeps_factor)
+        self.mineps = float(mineps)
+        self.steps = int(steps)
+        self.eps_iter_scale = float(eps_iter_scale)
+        self.search_steps = int(search_steps)
+        self.clean_loss_coeff = float(clean_loss_coeff)
+        self.search_loss = search_loss
+        self._margin = self.MARGINS[search_loss]
+        self._warm_eps = self.mineps
+
+    def an_pgd(self, model: nn.Module, x: Tensor, y: Tensor, prev_eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """AN-PGD: per-example margin adversaries (x_adv, ε) of ``(x, y)`` (the reference's ``ANPGD.perturb``).
+
+        ℓ∞ PGD at ε⁰_i = ``prev_eps`` (default: the warm start) maximising the search margin — uniform random start,
+        ``steps`` sign steps of ``eps_iter_scale``·ε⁰_i/steps, projection, clamp to [0, 1] — gives a direction
+        u_i = δ_i/ε⁰_i (‖u_i‖∞ ≤ 1); a bisection over ε ∈ [0, maxeps] on the margin of clamp(x_i + ε u_i) then
+        returns the smallest ε seen to misclassify (maxeps if none) and x_adv = clamp(x + ε u), so ‖x_adv − x‖∞ ≤ ε_i
+        ≤ 1.05·d_max. Eval mode throughout; gradients w.r.t. the input only.
+        """
+        check_images(x)
+        margin = self._margin
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+            x_nat, y_in = x.detach().clone(), y.detach().clone()
+            if prev_eps is None:
+                prev_eps = torch.full((x.shape[0],), self._warm_eps)
+            prev = prev_eps.detach().to(x_nat).clamp(self.mineps, self.maxeps).clone()
+            view = (-1,) + (1,) * (x.dim() - 1)
+            radius = prev.view(view)
+            step = (self.eps_iter_scale * prev / self.steps).view(view)
+            delta = (torch.rand_like(x_nat) * 2 - 1) * radius
+            delta = (x_nat + delta).clamp(0.0, 1.0) - x_nat
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss = margin(model(x_nat + delta), y_in).sum()
+                (grad,) = torch.autograd.grad(loss, [delta])
+                delta = torch.max(torch.min(delta.detach() + step * grad.sign(), radius), -radius)
+                delta = (x_nat + delta).clamp(0.0, 1.0) - x_nat
+            unit = delta / (radius + 1e-12)
+            with torch.no_grad():
+                lo, hi = torch.zeros_like(prev), torch.full_like(prev, self.maxeps)
+                cur, m = prev, margin(model(x_nat + delta), y_in)
+                for i in range(self.search_steps + 1):
+                    fooled = m >= 0
+                    lo = torch.where(fooled, lo, torch.max(lo, cur))
+                    hi = torch.where(fooled, torch.min(hi, cur), hi)
+                    if i == self.search_steps:  # the last midpoint's margin also narrows the bracket
+                        break
+                    cur = (lo + hi) / 2
+                    m = margin(model((x_nat + cur.view(view) * unit).clamp(0.0, 1.0)), y_in)
+                x_adv = (x_nat + hi.view(view) * unit).clamp(0.0, 1.0)
+        if not torch.isfinite(x_adv).all():
+            raise RuntimeError("MMA's AN-PGD produced non-finite adversarial examples")
+        return x_adv.detach(), hi.detach()
+
+    def adversary(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The images the MMA term trains on: the AN-PGD margin adversary of each (softly) correctly classified
+        example, the clean image of the others (correctness judged in eval mode here; in ``__call__`` on the
+        training-mode clean logits, as the reference)."""
+        with torch.inference_mode(False), torch.no_grad(), eval_mode(model):
+            correct = self._margin(model(x.detach().clone()), y) < 0
+        x_out = x.detach().clone()
+        if correct.any():
+            x_out[correct] = self.an_pgd(model, x[correct], y[correct])[0]
+        return x_out
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Logs]:
+        logits_clean = model(x)
+        clean_loss = F.cross_entropy(logits_clean, y)
+        correct = self._margin(logits_clean.detach(), y) < 0
+        x_mix, eps = x.detach().clone(), x.new_zeros(x.shape[0])
+        if correct.any():
+            x_adv, eps_c = self.an_pgd(model, x[correct], y[correct])
+            x_mix[correct], eps[correct] = x_adv, eps_c
+            self._warm_eps = max(self.mineps, float(eps_c.mean()))
+        logits_mix = model(x_mix)
+        ce = F.cross_entropy(logits_mix, y, reduction="none")
+        used = correct & (eps < self.hinge_maxeps)
+        mma_loss = (ce[used].sum() + ce[~correct].sum()) / x.shape[0]
+        loss = self.clean_loss_coeff * clean_loss + (1.0 - self.clean_loss_coeff) * mma_loss
+        n_correct = correct.sum().clamp_min(1)
+        return loss, {
+            "clean_loss": clean_loss.detach(),
+            "mma_loss": mma_loss.detach(),
+            "clean_acc": _accuracy(logits_clean, y),
+            "adv_acc": _accuracy(logits_mix, y),
+            "margin_eps": (eps * correct).sum() / n_correct,
+            "in_hinge": used.float().sum() / n_correct,
         }

@@ -30,8 +30,10 @@ EXPECTED = {
     "fgsm", "bim", "pgd", "pgd_dlr", "pgd_l2", "pgd_restarts", "deepfool", "cw", "eot_pgd",
     "pgd_eot_strong", "square", "apgd_ce", "apgd_dlr", "autoattack", "autoattack_fast", "ead",
     "fab", "ti_fgsm", "ti_bim", "gaussian_noise", "none", "pgd_diffdefense", "pgd40_l2",
-    "fgsm_unclipped", "deepfool_art", "deepfool_linf",
+    "fgsm_unclipped", "deepfool_art", "deepfool_linf", "fwa", "pgd_jatp", "pgd_dlr_jatp", "ti_bim_jatp",
 }  # fmt: skip
+#: Attacks outside the ℓ∞ / ℓ2 balls: their budget and accuracy drop are tested in their own file (tests/test_fwa.py).
+OTHER_NORMS = {"fwa"}
 
 # Shrunken budgets for the CPU test (the configs' own defaults are the papers').
 SHRINK = {
@@ -55,6 +57,10 @@ SHRINK = {
     "ead": {"binary_search_steps": 2, "max_iterations": 20, "initial_const": 1.0},
     "fab": {"steps": 10},
     "ti_bim": {"steps": 5},
+    "ti_bim_jatp": {"steps": 5},
+    "pgd_jatp": {"alpha": 0.1, "steps": 5},
+    "pgd_dlr_jatp": {"alpha": 0.1, "steps": 5},
+    "fwa": {"steps": 5, "dual_max_iter": 20},
 }
 N_IMAGES = {"autoattack": 16, "autoattack_fast": 16, "fab": 16, "square": 32, "ead": 24, "cw": 32, "deepfool": 32, "deepfool_linf": 32}
 
@@ -92,12 +98,13 @@ def test_config_documents_and_interpolates(name):
     if raw.norm == "none":
         assert raw.eps is None
     else:
-        expected = {"Linf": "${dataset.eps.linf}", "L2": "${dataset.eps.l2}"}[raw.norm]
+        expected = {"Linf": "${dataset.eps.linf}", "L2": "${dataset.eps.l2}",
+                    "wasserstein": "${oc.select:dataset.eps.wasserstein,0.005}"}[raw.norm]
         assert OmegaConf.to_container(raw)["eps"] == expected
         assert OmegaConf.to_container(raw)["builder"]["eps"] == "${..eps}"
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(EXPECTED - OTHER_NORMS))
 def test_attack_config_attacks_the_victim(name, trained_victim, batch, acc):
     attack = load_attack(name, eps_linf=EPS["Linf"], eps_l2=EPS["L2"], builder_overrides=SHRINK.get(name))
     assert isinstance(attack, Attack) and attack.name == name
@@ -411,5 +418,5 @@ def test_every_gradient_attack_runs_through_eot_on_a_stochastic_defense(name, tr
     torch.manual_seed(0)
     x_adv = attack(WhiteBoxAdaptive(eot_samples=2).attacked_model(noisy, attack), x, y)
     assert x_adv.shape == x.shape and torch.isfinite(x_adv).all() and _in_range(x_adv, attack)
-    if attack.bounded:
+    if attack.bounded and name not in OTHER_NORMS:
         assert _norms(x_adv - x)[attack.norm].max() <= attack.eps + 1e-5

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from models.training_losses import FGSMAT, MART, PGDAT, TRADES, Standard, TrainingLoss, madry_alpha
+from models.training_losses import FGSMAT, MART, MMA, PGDAT, TRADES, Standard, TrainingLoss, madry_alpha
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "training"
 EPS = 0.3
@@ -274,7 +274,7 @@ def test_pgd_at_training_lowers_loss():
 
 # ---------------------------------------------------------------- configs
 EXPECTED = {"standard": Standard, "fgsm_at": FGSMAT, "pgd_at": PGDAT, "pgd_at_l2": PGDAT, "trades": TRADES, "mart": MART,
-            "sgd_authors": Standard}
+            "sgd_authors": Standard, "mma": MMA}
 
 
 def test_every_training_config_is_tested():
