@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 TORCH := torch==2.14.1 torchvision==0.29.1
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-all bench tables clean diffdefense-cpu disttrans-cpu
+.PHONY: install demo test test-all bench tables clean diffdefense-cpu disttrans-cpu jatp-cpu
 
 install: $(STAMP) $(FMNIST)
 
@@ -269,3 +269,29 @@ rap-cpu: install
 	$(PY) evaluate.py $(RAP_AUDIT) defense=rap dataset.eval_subset=64 audit_settings.n_images=64 hydra.run.dir=$(RAP_RUN)/audit/rap_one_step
 	$(PY) evaluate.py $(RAP_AUDIT) defense=rap_reverse attack.builder.steps=5 dataset.eval_subset=16 audit_settings.n_images=16 \
 	  audit_settings.steps=5 audit_settings.square_queries=20 hydra.run.dir=$(RAP_RUN)/audit/rap_reverse
+
+# CPU-scale JATP (issue 14) on the CIFAR-shaped stand-in fashion_mnist_rgb32 (NOT CIFAR-10): the TRADES ResNet-18
+# target ($(DT_AT): 6000 images, PGD-5, 12 min), then JATP and the three baselines trained against it when missing
+# (one epoch on 6000 images, 5-step training attacks, 10–15 min each — CPU reductions of the papers' 30 / 100 epochs),
+# then Table 1 on 200 test images (AutoAttack on 100) and the audit of each pre-processor (32 images, 10 steps).
+# Every attack is adaptive: exact gradients through pre-processor + target. Report: python -m evaluation.report $(JATP_RUN).
+JATP_RUN := multirun/jatp-cpu
+JATP_TRAIN := dataset=fashion_mnist_rgb32 victim=resnet18 trainer=cpu trainer.max_epochs=1 dataset.datamodule.train_subset=6000 \
+  dataset.datamodule.augment=true model.attack.steps=5 test_after_training=false $(CPU_TRAIN)
+# No ImageNet VGG-16 offline: NRP's feature network is the seeded random VGG (an adaptation, named in its row).
+JATP_NRP := defense.purifier.feature_net=vgg16_random
+JATP_EVAL := experiment=jatp_table1 dataset=fashion_mnist_rgb32 dataset.eval_subset=200 eval.progress=false
+JATP_AUDIT := audit=true dataset=fashion_mnist_rgb32 victim=resnet18 victim_training=trades attack=pgd_jatp attack.builder.steps=10 \
+  dataset.eval_subset=32 audit_settings.n_images=32 audit_settings.steps=10 audit_settings.square_queries=100 eval.progress=false
+jatp-cpu: install
+	test -f $(DT_CKPT)/resnet18-trades.pt || $(PY) train.py $(DT_AT) training=trades
+	test -f $(DT_CKPT)/jatp-resnet18-trades.pt || $(PY) train.py model=jatp $(JATP_TRAIN) +trainer.max_time=00:00:15:00
+	test -f $(DT_CKPT)/ape_gan-resnet18-trades-oblivious.pt || $(PY) train.py model=ape_gan $(JATP_TRAIN) +trainer.max_time=00:00:10:00
+	test -f $(DT_CKPT)/hgd-resnet18-trades-oblivious.pt || $(PY) train.py model=hgd $(JATP_TRAIN) +trainer.max_time=00:00:10:00
+	test -f $(DT_CKPT)/nrp-vgg16_random.pt || $(PY) train.py model=nrp model.feature_net=vgg16_random $(JATP_TRAIN) \
+	  +trainer.max_time=00:00:10:00
+	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_NRP) attack=none,pgd_jatp,pgd_dlr_jatp,fwa,ti_bim_jatp hydra.sweep.dir=$(JATP_RUN)/table1/main
+	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_NRP) attack=autoattack dataset.eval_subset=100 hydra.sweep.dir=$(JATP_RUN)/table1/autoattack
+	for d in jatp ape_gan hgd; do $(PY) evaluate.py $(JATP_AUDIT) defense=$$d hydra.run.dir=$(JATP_RUN)/audit/$$d || exit 1; done
+	$(PY) evaluate.py $(JATP_AUDIT) defense=nrp $(JATP_NRP) hydra.run.dir=$(JATP_RUN)/audit/nrp
+	$(PY) -m evaluation.report $(JATP_RUN)

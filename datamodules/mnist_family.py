@@ -8,9 +8,11 @@ from __future__ import annotations
 import gzip
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch.nn.functional as F
 from torchvision import datasets
+from torchvision.transforms import v2
 
 from datamodules.base import ImageDataModule, TensorImageDataset
 
@@ -90,9 +92,21 @@ class FashionMNISTRGB32DataModule(FashionMNISTDataModule):
 
     A clearly labelled *stand-in* so that CIFAR-shaped pipelines (ResNet-18, WRN, 32×32 U-Nets)
     run end to end on this offline machine. Its numbers are never comparable with CIFAR-10 ones.
+
+    ``augment``: CIFAR's pad-4 random crop + horizontal flip on training images (``datamodules.cifar``), off by
+    default (the stand-in's victims were trained without it); on for recipes that prescribe it on CIFAR-10 (JATP).
     """
 
     display_name = "Fashion-MNIST (RGB 32×32 stand-in)"
+
+    def __init__(self, *args, augment: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.augment = bool(augment)
+
+    def train_transform(self) -> Callable | None:
+        if not self.augment:
+            return None
+        return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
 
     def load_split(self, train: bool) -> TensorImageDataset:
         ds = super().load_split(train)

@@ -83,6 +83,32 @@ def test_nrp_generator_is_nrps_architecture_and_keeps_shape_and_range():
         NRPGenerator(3, 1)
 
 
+def test_skip_starts_near_the_identity_init_scale_is_basicsrs_and_the_form_is_in_the_file(tmp_path):
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(0)
+    with_skip = NRPGenerator(3, 3, nf=16, nb=1)  # the default: x + NRP(x)
+    torch.manual_seed(0)
+    release = NRPGenerator(3, 3, nf=16, nb=1, skip=False)  # NRP's release, same weights
+    torch.testing.assert_close(with_skip.raw(x), release.raw(x) + x)
+    # At init the release maps images to ≈ 0 (MSE ≈ E[x²] ≈ 1/3 on uniform noise); the skip form to ≈ x.
+    assert float(F.mse_loss(with_skip(x), x)) < 0.25 * float(F.mse_loss(release(x), x))
+    assert set(release.state_dict()) == set(with_skip.state_dict()) - {"_variant_skip"}  # release: NRP's keys only
+    with pytest.raises(Exception, match="another variant of the architecture: _variant_skip"):
+        from models.weights import load_weights
+
+        load_weights(release, save_weights(with_skip, tmp_path / "skip.pt"), missing_hint="")
+    # init_scale: BasicSR's initialize_weights(dense-block convs, s) — Kaiming-normal (fan-in) × s, zero biases.
+    torch.manual_seed(0)
+    scaled = NRPGenerator(3, 3, nf=64, nb=1, init_scale=0.1)
+    conv = scaled.RRDB_trunk[0].RDB2.conv5
+    fan_in = conv.weight[0].numel()
+    assert float(conv.weight.std()) == pytest.approx(0.1 * math.sqrt(2 / fan_in), rel=0.05)
+    assert float(conv.bias.abs().max()) == 0.0
+    assert float(scaled.conv_first.bias.abs().max()) > 0  # outside the dense blocks: PyTorch's init, as BasicSR
+    with pytest.raises(ValueError, match="init_scale must be > 0 or null"):
+        NRPGenerator(init_scale=0.0)
+
+
 def test_purifier_is_deterministic_differentiable_and_weakens_to_identity(resnet):
     jatp = JATP(tiny_net(seed=1))
     assert (jatp.stochastic, jatp.differentiable) == (False, True) and isinstance(jatp.weakened(), Identity)
@@ -199,6 +225,16 @@ def test_boosted_cross_entropy_is_eq7_by_hand():
     assert float(boosted_cross_entropy(better, y)) < float(boosted_cross_entropy(logits, y))
     # A confident correct prediction costs almost nothing.
     assert float(boosted_cross_entropy(torch.tensor([[20.0, 0.0, 0.0]]), torch.tensor([0]))) < 1e-6
+    # A confidently wrong one (gap 60: 1 − p_k rounds to 0 in float32) is still exact, with its gradient: by hand,
+    # −log p_y − log(1 − p_k) = (lse − z_y) − (log(e^{z_y} + e^{z_other}) − lse) in float64.
+    wrong = torch.tensor([[0.0, 60.0, 1.0]], requires_grad=True)
+    z = wrong.detach().double()[0]
+    lse = torch.logsumexp(z, 0)
+    by_hand = float((lse - z[0]) - (torch.logsumexp(z[[0, 2]], 0) - lse))
+    value = boosted_cross_entropy(wrong, torch.tensor([0]))
+    assert float(value) == pytest.approx(by_hand, rel=1e-5)  # ≈ 119, where the clamped probability form gave 87.6
+    (grad,) = torch.autograd.grad(value, wrong)
+    assert float(grad[0, 1]) == pytest.approx(2.0, abs=1e-4)  # d/dz_k of both terms: p_k + p_k ≈ 2
 
 
 def test_feature_similarity_and_pixel_terms_by_hand():
@@ -305,6 +341,94 @@ def test_a_few_jatp_steps_lower_the_loss(fitted, tmp_path):
     assert (tmp_path / "target.pt").is_file()
 
 
+def test_gradient_clipping_rescales_to_the_configured_norm(fitted):
+    victim, x, y = fitted
+    make = lambda **kw: JATPModule(tiny_net(in_nc=1, seed=6), copy.deepcopy(victim),  # noqa: E731
+                                   FeatureAttack(layer="0", eps=0.1, steps=1), optimizer=lambda p: torch.optim.SGD(p, 0.1), **kw)
+    for clip in (1.0, None):
+        module = make(grad_clip_norm=clip)
+        opt = module.configure_optimizers()
+        opt.zero_grad()
+        module.jatp_loss(x[:16], y[:16])[0].mul(100.0).backward()  # a large gradient
+        norm = lambda: float(torch.cat([p.grad.flatten() for p in module.preprocessor.parameters()]).norm())  # noqa: E731
+        before = norm()
+        returned = module.clip_gradient_norm(opt)
+        if clip is None:
+            assert returned is None and norm() == before
+        else:
+            assert before > 1.0 and float(returned) == pytest.approx(before, rel=1e-5)
+            assert norm() == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(ValueError, match="grad_clip_norm must be > 0 or null"):
+        make(grad_clip_norm=0.0)
+
+
+def test_paper_sgd_does_not_diverge(fitted, tmp_path):
+    """The paper's optimiser (SGD lr 1e-2, momentum 0.9, wd 2e-4), α = 5, β = 3, in Lightning's own loop, 25 steps on
+    32 real images: every step's loss finite and the pixel term ends below its start.
+
+    Before the fix (no skip, no gradient clipping) this run was NaN at step 5: BCE through the fitted target gives
+    gradient norms of 10²–10⁴, SGD pushes P's raw output to ±90, and the pixel term on it grows geometrically
+    (0.47 → 0.13 → 90 → 3·10³ → 10¹⁴ → NaN). The module's defaults (``grad_clip_norm``) and P's (``skip``) hold it."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    victim, x, y = fitted
+    xb, yb = x[:32], y[:32]
+    torch.manual_seed(3)
+    module = JATPModule(NRPGenerator(1, 1, nf=8, nb=1, gc=4), copy.deepcopy(victim),
+                        FeatureAttack(layer="0", eps=8 / 255, step_size=0.01, steps=3),
+                        optimizer=lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=2e-4))
+
+    def terms() -> dict[str, float]:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return {k: float(v) for k, v in module.jatp_loss(xb, yb)[1].items()}
+
+    start = terms()
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    steps = 25
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(xb.repeat(steps, 1, 1, 1), yb.repeat(steps)), batch_size=32))
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses  # BCE, FSM, pix ≥ 0: each finite
+    end = terms()
+    assert all(math.isfinite(v) for v in end.values()), end
+    assert end["pix"] < start["pix"], (start, end)
+    assert max(p.abs().max() for p in module.preprocessor.parameters()) < 10  # no runaway weights
+
+
+def test_stand_in_augmentation_is_pad4_crop_and_flip_and_off_by_default(data_dir, compose):
+    """The paper's "4-pixel padding, random crop, horizontal flip" for fashion_mnist_rgb32: each augmented image is
+    the original or its mirror image shifted by at most 4 pixels with zero fill; off unless switched on."""
+    from datamodules.mnist_family import FashionMNISTRGB32DataModule
+
+    assert not compose("train", ["model=jatp"]).dataset.datamodule.augment
+    cfg = compose("train", ["model=jatp", "dataset.datamodule.augment=true", "dataset.datamodule.train_subset=4"])
+    dm = instantiate(cfg.dataset.datamodule)
+    assert isinstance(dm, FashionMNISTRGB32DataModule) and dm.augment
+    assert FashionMNISTRGB32DataModule(data_dir=str(data_dir)).train_transform() is None
+    dm.setup()
+    raw = dm.train_set.dataset.images[dm.train_set.indices[0]]
+    padded = {flip: F.pad(raw.flip(-1) if flip else raw, (4, 4, 4, 4)) for flip in (False, True)}
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(30):
+        out, _label = dm.train_set[0]
+        match = [(flip, dy, dx) for flip in (False, True) for dy in range(9) for dx in range(9)
+                 if torch.equal(out, padded[flip][:, dy:dy + 32, dx:dx + 32])]
+        assert match, "not a ≤ 4-pixel shift of the image or of its mirror image"
+        seen.add(match[0])
+    assert len(seen) > 5 and {flip for flip, _, _ in seen} == {False, True}
+    val_image, _ = dm.val_set[0]  # validation images are never augmented
+    assert torch.equal(val_image, dm.val_set.dataset.images[dm.val_set.indices[0]])
+
+
 # -- configs, weights, messages ----------------------------------------------------------------------------------
 def test_configs_compose_and_instantiate(compose):
     cfg = compose("train", ["model=jatp", "logger=csv"])
@@ -314,6 +438,7 @@ def test_configs_compose_and_instantiate(compose):
     module = instantiate(cfg.model, victim={"weights": None})
     assert isinstance(module, JATPModule) and isinstance(module.preprocessor, NRPGenerator)
     assert (module.preprocessor.nf, module.preprocessor.nb, module.preprocessor.output) == (64, 3, "clamp")
+    assert (module.preprocessor.skip, module.preprocessor.init_scale, module.grad_clip_norm) == (True, None, 1.0)
     assert (module.alpha, module.beta, module.bce_weight, module.pixel, module.update_target) == (5.0, 3.0, 1.0, "mse", False)
     a = module.attack
     assert (a.layer, a.distance, a.steps, a.step_size, a.random_start) == ("layer2.0.conv2", "l2", 100, 0.01, True)

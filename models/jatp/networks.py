@@ -19,13 +19,49 @@ NRP's release has no global skip, no tanh and no clamp: its output is unbounded.
   network pushes outside [0, 1] are still pulled back.
 * ``"sigmoid"``: P(x) = σ(raw(x)) — smooth everywhere but cannot output exact 0 / 1 (Fashion-MNIST's background) and
   changes NRP's function; the alternative, for the record.
+
+Where P starts (``skip``, ``init_scale``). NRP's release (and CAFD's copy) initialise with PyTorch's defaults and have
+no global skip, so an untrained P maps every image to ≈ 0 (raw output ≈ 0 ± 0.08 at nf 16): a trained target sees
+black images and JATP's BCE starts at 18–25. Where the raw output is below 0 the clamp passes no gradient, so BCE
+alone never moves P (measured: 15 steps stuck at 24.6); the pixel term drags pixels into [0, 1], and there BCE's
+gradient (norm ≈ 200 on P) switches on at full force: the paper's SGD then overshoots (see ``models.jatp.module``
+for the measured divergence and the gradient clipping that stops it). Two switches:
+
+* ``skip`` (default ``True``): raw(x) = x + NRP(x), the global residual with which the JATP authors' earlier code
+  (CAFD, ``train_or_test_denoiser.py``: ``x_smooth = x_adv + denoiser(x_adv)``, NRP(3, 3, 64, 5) among its
+  denoisers) uses NRP's generator. P then starts near the identity, the target sees the images themselves and the
+  first gradients are those of a trained model on clean data (BCE ≈ 1.2 at step 0 instead of 18.5). No
+  parameters are added (see the variant mark below). ``False`` is NRP's release (the NRP baseline,
+  ``models.jatp.nrp_ssp``, keeps it).
+* ``init_scale`` (default ``None``: PyTorch's init, as NRP's release): a number s re-initialises every convolution
+  of the dense blocks with Kaiming-normal (fan-in) weights × s and zero biases — BasicSR's ``initialize_weights(…,
+  0.1)`` in ESRGAN's ``ResidualDenseBlock_5C``, the code NRP's networks.py was copied from (NRP dropped the call).
+  With ``skip`` it makes P start closer to the identity still. Neither switch alone stops the divergence (measured:
+  skip alone NaN after 9 steps, init 0.1 alone after 4); the gradient clipping of ``models.jatp.module`` does.
+
+``skip`` has no parameters, so the same weights would load into either form and compute another function: with
+``skip`` the network carries a ``_variant_skip`` buffer (``models.weights.VARIANT_PREFIX``), and a file of the other
+form fails to load in one line. Without ``skip`` the state dict is NRP's release's, key for key. With ``output:
+sigmoid`` the skip is added before σ, so σ(x + NRP(x)) starts near σ(x), not near x.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from models.weights import VARIANT_PREFIX
+
 OUTPUTS = ("clamp", "sigmoid")
+
+
+def scaled_kaiming_(convs: list[nn.Conv2d], scale: float) -> None:
+    """BasicSR's ``initialize_weights(convs, scale)``: Kaiming-normal (a = 0, fan-in) weights × ``scale``, zero biases."""
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in")
+        with torch.no_grad():
+            conv.weight.mul_(scale)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
 
 
 class ResidualDenseBlock_5C(nn.Module):  # noqa: N801 (NRP's / ESRGAN's name, kept for state-dict compatibility)
@@ -73,9 +109,12 @@ class NRPGenerator(nn.Module):
         nb: number of RRDB blocks (JATP: 3; NRP's release: 23).
         gc: growth channels of each dense block (NRP: 32).
         output: ``"clamp"`` (default) or ``"sigmoid"``: how the unbounded NRP output is made an image.
+        skip: raw(x) = x + NRP(x) (default, CAFD's use of the generator) or NRP(x) (NRP's release).
+        init_scale: ``None`` (PyTorch's init, NRP's release) or BasicSR's scale of the dense blocks' Kaiming init (0.1).
     """
 
-    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 3, gc: int = 32, output: str = "clamp") -> None:
+    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 3, gc: int = 32, output: str = "clamp",
+                 skip: bool = True, init_scale: float | None = None) -> None:
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"NRPGenerator: unknown output {output!r}; valid: {', '.join(OUTPUTS)}")
@@ -83,18 +122,30 @@ class NRPGenerator(nn.Module):
             raise ValueError(f"NRPGenerator: in_nc ({in_nc}) must equal out_nc ({out_nc}): a pre-processor keeps the image shape")
         if int(nb) < 1 or int(nf) < 1 or int(gc) < 1:
             raise ValueError(f"NRPGenerator: nf, nb and gc must be >= 1, got nf={nf}, nb={nb}, gc={gc}")
+        if init_scale is not None and not float(init_scale) > 0:
+            raise ValueError(f"NRPGenerator: init_scale must be > 0 or null (PyTorch's init), got {init_scale}")
         self.in_channels = int(in_nc)
         self.nf, self.nb, self.gc, self.output = int(nf), int(nb), int(gc), output
+        self.skip = bool(skip)
+        self.init_scale = None if init_scale is None else float(init_scale)
         self.conv_first = nn.Conv2d(in_nc, nf, 3, 1, 1, bias=True)
         self.RRDB_trunk = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
         self.trunk_conv = nn.Conv2d(nf, out_nc, 3, 1, 1, bias=True)
+        if self.skip:  # marks the form in the weights file (see the module docstring)
+            self.register_buffer(f"{VARIANT_PREFIX}skip", torch.tensor(1))
+        if self.init_scale is not None:
+            scaled_kaiming_([m for m in self.RRDB_trunk.modules() if isinstance(m, nn.Conv2d)], self.init_scale)
 
     def extra_repr(self) -> str:
-        return f"nf={self.nf}, nb={self.nb}, gc={self.gc}, output={self.output}"
+        return (f"nf={self.nf}, nb={self.nb}, gc={self.gc}, output={self.output}, skip={self.skip}, "
+                f"init_scale={self.init_scale}")
 
     def raw(self, x: Tensor) -> Tensor:
-        """NRP's own output (unbounded for ``clamp``; already in (0, 1) for ``sigmoid``): what the pixel loss sees."""
+        """The pre-activation image (unbounded for ``clamp``; already in (0, 1) for ``sigmoid``): NRP(x), plus x with
+        ``skip``. What the pixel loss sees."""
         out = self.trunk_conv(self.RRDB_trunk(self.conv_first(x)))
+        if self.skip:
+            out = out + x
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
     def forward(self, x: Tensor) -> Tensor:
