@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
-from defenses.base import Identity, Purifier
+from defenses.base import FrozenPreprocessor
 from models.jatp.adversaries import check_adversaries
 from models.jatp.ape_gan import APEGANGenerator
-from models.weights import load_weights
 
 
 def baseline_train_hint(model: str, path: str | Path, victim: str, victim_training: str, adversaries: str) -> str:
@@ -33,10 +32,10 @@ def baseline_train_hint(model: str, path: str | Path, victim: str, victim_traini
     return f"train it first with `{command}` (it needs the target's weights {victim}-{victim_training}.pt)"
 
 
-class BaselinePreprocessor(Purifier):
-    """``x ↦ net(x)`` with a trained, frozen pre-processor network (eval mode, no parameter gradients).
-
-    Subclasses set ``model_name`` (the ``conf/model`` option that trains it) and ``network`` (the expected class).
+class BaselinePreprocessor(FrozenPreprocessor):
+    """A baseline pre-processor trained against a target on one source of adversaries (``defenses.base.
+    FrozenPreprocessor`` + the file name and message of its training). Subclasses set ``model_name`` (the
+    ``conf/model`` option that trains it) and ``network`` (the expected class).
 
     Args:
         net: the network.
@@ -45,39 +44,15 @@ class BaselinePreprocessor(Purifier):
         adversaries: ``"oblivious"`` or ``"full"``, the source of its training adversaries (file name and message).
     """
 
-    stochastic = False
-    differentiable = True
     model_name: str = ""
-    network: type[nn.Module] = nn.Module
 
     def __init__(self, net: nn.Module, weights: str | None = None, victim_name: str = "resnet18",
                  victim_training: str = "trades", adversaries: str = "oblivious") -> None:
-        super().__init__()
-        name = type(self).__name__
-        if not isinstance(net, self.network):
-            expected = f"{self.network.__module__}.{self.network.__name__}"
-            raise TypeError(f"{name}: net must be a {expected}, got {type(net).__name__}")
-        self.adversaries = check_adversaries(adversaries, name)
-        if weights is not None:
-            hint = baseline_train_hint(self.model_name, weights, victim_name, victim_training, adversaries)
-            load_weights(net, weights, missing_hint=hint)
-        self.net = net.eval().requires_grad_(False)
-        self.weights = None if weights is None else str(weights)
-
-    def train(self, mode: bool = True) -> "BaselinePreprocessor":
-        """The network stays in eval mode (running BatchNorm statistics) whatever the wrappers around it do."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        param = next(self.net.parameters(), None)
-        xin = x if param is None else x.to(param.dtype)
-        return self.net(xin).to(x.dtype)
-
-    def weakened(self) -> Purifier:
-        """The identity: without its pre-processor the defense is the undefended victim (audit check (i))."""
-        return Identity()
+        self_name = type(self).__name__
+        adversaries = check_adversaries(adversaries, self_name)
+        hint = "" if weights is None else baseline_train_hint(self.model_name, weights, victim_name, victim_training, adversaries)
+        super().__init__(net, weights, hint)
+        self.adversaries = adversaries
 
 
 class APEGAN(BaselinePreprocessor):

@@ -44,6 +44,48 @@ class Identity(Purifier):
         return x
 
 
+class FrozenPreprocessor(Purifier):
+    """``x ↦ net(x)`` with a trained, frozen feed-forward pre-processor (JATP, NRP, APE-GAN, HGD): eval mode whatever
+    the wrappers around it do, no parameter gradients, deterministic and differentiable — one short pass, nothing to
+    shatter, so the adaptive attack takes its exact gradient. ``weakened()`` is the identity: without its network the
+    defense is the undefended victim (audit check (i)).
+
+    Args:
+        net: the network (an instance of the subclass's ``network``).
+        weights: its weights file, loaded with ``weights_only``; ``None`` keeps ``net`` as given.
+        missing_hint: the "train it first with `python train.py …`" text of a missing file.
+    """
+
+    stochastic = False
+    differentiable = True
+    network: type[nn.Module] = nn.Module
+
+    def __init__(self, net: nn.Module, weights: str | None = None, missing_hint: str = "") -> None:
+        super().__init__()
+        if not isinstance(net, self.network):
+            expected = f"{self.network.__module__}.{self.network.__name__}"
+            raise TypeError(f"{type(self).__name__}: net must be a {expected}, got {type(net).__name__}")
+        if weights is not None:
+            from models.weights import load_weights  # models is upstream of defenses; imported where it is used
+
+            load_weights(net, weights, missing_hint=missing_hint)
+        self.net = net.eval().requires_grad_(False)
+        self.weights = None if weights is None else str(weights)
+
+    def train(self, mode: bool = True) -> "FrozenPreprocessor":
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        param = next(self.net.parameters(), None)
+        xin = x if param is None else x.to(param.dtype)
+        return self.net(xin).to(x.dtype)
+
+    def weakened(self) -> Purifier:
+        return Identity()
+
+
 class Defended(nn.Module):
     """``victim(purifier(x))`` as one classifier returning logits.
 

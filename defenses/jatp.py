@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
 
-from defenses.base import Identity, Purifier
+from defenses.base import FrozenPreprocessor
 from models.jatp.networks import NRPGenerator
-from models.weights import load_weights
 
 
 #: Training switches of the named variants (JATP′ and the ablation of Fig. 4b); any other name is trained as given.
@@ -34,8 +32,8 @@ def jatp_train_hint(path: str | Path, victim: str, victim_training: str, variant
     return f"train it first with `{command}` (it needs the target's weights {victim}-{victim_training}.pt)"
 
 
-class JATP(Purifier):
-    """``x ↦ P(x)`` with the trained pre-processor (frozen here: eval mode, no parameter gradients).
+class JATP(FrozenPreprocessor):
+    """``x ↦ P(x)`` with the trained pre-processor (frozen: ``defenses.base.FrozenPreprocessor``).
 
     Args:
         net: the ``NRPGenerator``.
@@ -44,30 +42,9 @@ class JATP(Purifier):
         variant: which trained P (``jatp``, ``jatp_prime``, an ablation): its weights file's prefix (message only).
     """
 
-    stochastic = False
-    differentiable = True
+    network = NRPGenerator
 
     def __init__(self, net: NRPGenerator, weights: str | None = None, victim_name: str = "resnet18",
                  victim_training: str = "trades", variant: str = "jatp") -> None:
-        super().__init__()
-        if not isinstance(net, NRPGenerator):
-            raise TypeError(f"JATP: net must be a models.jatp.networks.NRPGenerator, got {type(net).__name__}")
-        if weights is not None:
-            load_weights(net, weights, missing_hint=jatp_train_hint(weights, victim_name, victim_training, variant))
-        self.net = net.eval().requires_grad_(False)
-        self.weights = None if weights is None else str(weights)
-
-    def train(self, mode: bool = True) -> "JATP":
-        """The pre-processor stays in eval mode whatever the wrappers around the purifier do."""
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        param = next(self.net.parameters(), None)
-        xin = x if param is None else x.to(param.dtype)
-        return self.net(xin).to(x.dtype)
-
-    def weakened(self) -> Purifier:
-        """The identity: JATP without its pre-processor is the undefended victim (audit check (i))."""
-        return Identity()
+        hint = "" if weights is None else jatp_train_hint(weights, victim_name, victim_training, variant)
+        super().__init__(net, weights, hint)

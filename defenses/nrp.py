@@ -11,10 +11,10 @@ deterministic pre-processor like the other baselines.
 """
 from __future__ import annotations
 
+from defenses.base import FrozenPreprocessor
 from defenses.jatp import JATP
 from models.jatp.networks import NRPGenerator
 from models.jatp.nrp_ssp import nrp_train_hint, nrp_weights_name
-from models.weights import load_weights
 
 
 class NRP(JATP):
@@ -28,8 +28,5 @@ class NRP(JATP):
 
     def __init__(self, net: NRPGenerator, weights: str | None = None, feature_net: str = "vgg16") -> None:
         nrp_weights_name(feature_net)  # one ValueError listing the valid names
-        super().__init__(net, weights=None)
-        if weights is not None:
-            load_weights(self.net, weights, missing_hint=nrp_train_hint(weights, feature_net))
-        self.weights = None if weights is None else str(weights)
+        FrozenPreprocessor.__init__(self, net, weights, "" if weights is None else nrp_train_hint(weights, feature_net))
         self.feature_net = feature_net

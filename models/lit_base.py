@@ -54,6 +54,21 @@ class LitBase(LightningModule, ABC):
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared(batch, "test")
 
+    def manual_update(self, optimizer: torch.optim.Optimizer, compute_loss: Callable[[], Any], times: int = 1) -> Any:
+        """``times`` steps of ``optimizer`` on ``compute_loss()`` (a loss, or a tuple whose first item is the loss)
+        under Lightning's manual optimisation, with ``optimizer`` toggled so that only its parameters get gradients
+        (a GAN's discriminator and generator steps); returns the last ``compute_loss()``."""
+        self.toggle_optimizer(optimizer)
+        try:
+            for _ in range(times):
+                out = compute_loss()
+                optimizer.zero_grad()
+                self.manual_backward(out[0] if isinstance(out, tuple) else out)
+                optimizer.step()
+        finally:
+            self.untoggle_optimizer(optimizer)
+        return out
+
     def save_sample_grid(self, images: torch.Tensor) -> Path | None:
         """Write ``images`` (in [0, 1]) to ``<log_dir>/samples/epoch_<epoch>.png`` on rank zero (generative modules)."""
         log_dir = self.trainer.log_dir  # collective (broadcast) call: every rank makes it

@@ -127,6 +127,34 @@ def fit_on_batch():
     return _fit_on_batch
 
 
+@pytest.fixture(scope="module")
+def fitted(fmnist_test_batch, fit_on_batch):
+    """(victim, x, y): a tiny conv net (the JATP and baseline tests) fitted to 128 Fashion-MNIST test images (it needs accuracy to lose)."""
+    x, y = fmnist_test_batch
+    x, y = x[:128], y[:128]
+    torch.manual_seed(0)
+    victim = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
+    return fit_on_batch(victim, x, y), x, y
+
+
+class SpyPreprocessor(nn.Module):
+    """P(x) = 1 − x, recording every call: how many ran under an input gradient (an attack's steps) and how many not,
+    its mode and its input each time — the JATP and baseline tests check that adversaries go through P."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.with_grad, self.without_grad, self.modes, self.inputs = 0, 0, [], []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.with_grad += 1
+        else:
+            self.without_grad += 1
+        self.modes.append(self.training)
+        self.inputs.append(x.detach().clone())
+        return 1.0 - x
+
+
 def _missing_weights_message(cfg) -> str:
     """Build ``cfg.defense.purifier`` whose weights file does not exist; assert the error is one FileNotFoundError line
     and return it (each trained defense's test then checks that it names the file and the train.py command)."""

@@ -25,6 +25,7 @@ from models.jatp.losses import boosted_cross_entropy, feature_similarity, pixel_
 from models.jatp.module import JATPModule
 from models.jatp.networks import NRPGenerator
 from models.weights import save_weights
+from conftest import SpyPreprocessor
 
 RGB_MEAN, RGB_STD = [0.2860] * 3, [0.3530] * 3
 
@@ -42,16 +43,6 @@ def resnet():
 
     torch.manual_seed(0)
     return build_victim(resnet18(), mean=RGB_MEAN, std=RGB_STD).requires_grad_(False)
-
-
-@pytest.fixture(scope="module")
-def fitted(fmnist_test_batch, fit_on_batch):
-    """(victim, x, y): a tiny conv net fitted to 128 Fashion-MNIST test images (it needs accuracy to lose)."""
-    x, y = fmnist_test_batch
-    x, y = x[:128], y[:128]
-    torch.manual_seed(0)
-    victim = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    return fit_on_batch(victim, x, y), x, y
 
 
 # -- the pre-processor ---------------------------------------------------------------------------------------
@@ -143,22 +134,6 @@ def test_feature_hook_returns_the_chosen_layer_map(resnet):
     assert resolve_layer(resnet, "net.layer3") is resnet.net.layer3  # a full dotted name works too
     with pytest.raises(ValueError, match="feature layer 'layer9' not found"):
         resolve_layer(resnet, "layer9")
-
-
-class SpyPreprocessor(nn.Module):
-    """P(x) = 1 − x, recording every call: the number made under an input gradient (the attack's steps) and the rest."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.with_grad, self.without_grad, self.inputs = 0, 0, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            self.with_grad += 1
-        else:
-            self.without_grad += 1
-        self.inputs.append(x.detach().clone())
-        return 1.0 - x
 
 
 def test_full_adversaries_go_through_the_preprocessor(resnet):

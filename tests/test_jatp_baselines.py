@@ -30,6 +30,7 @@ from models.jatp.adversaries import AdversarySource
 from models.jatp.ape_gan import APEGANDiscriminator, APEGANGenerator, APEGANModule
 from models.jatp.hgd import HGDDenoiser, HGDModule, release_lr_schedule
 from models.weights import save_weights
+from conftest import SpyPreprocessor
 
 TINY_HGD = {"fwd_out": (8, 8, 8, 8), "num_fwd": (1, 1, 1, 1), "back_out": (8, 8, 8), "num_back": (1, 1, 1)}
 TINY_OVERRIDES = {
@@ -57,35 +58,9 @@ def adam(lr: float):
     return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
 
-@pytest.fixture(scope="module")
-def fitted(fmnist_test_batch, fit_on_batch):
-    """(victim, x, y): a tiny conv net fitted to 128 Fashion-MNIST test images (it needs accuracy to lose)."""
-    x, y = fmnist_test_batch
-    x, y = x[:128], y[:128]
-    torch.manual_seed(0)
-    victim = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 10))
-    return fit_on_batch(victim, x, y), x, y
-
-
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
-
-
-class SpyPreprocessor(nn.Module):
-    """P(x) = 1 − x, recording its calls: how many ran under an input gradient, how many not, and its mode each time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.with_grad, self.without_grad, self.modes = 0, 0, []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            self.with_grad += 1
-        else:
-            self.without_grad += 1
-        self.modes.append(self.training)
-        return 1.0 - x
 
 
 # -- the adversary sources -------------------------------------------------------------------------------------

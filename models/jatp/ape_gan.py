@@ -267,20 +267,8 @@ class APEGANModule(LitBase):
         gen_opt, disc_opt = self.optimizers()
         x_adv = self.make_adversaries(x, y)
 
-        self.toggle_optimizer(disc_opt)
-        d_loss = self.discriminator_loss(x, x_adv)
-        disc_opt.zero_grad()
-        self.manual_backward(d_loss)
-        disc_opt.step()
-        self.untoggle_optimizer(disc_opt)
-
-        self.toggle_optimizer(gen_opt)
-        for _ in range(self.generator_steps):
-            g_loss, logs = self.generator_loss(x, x_adv)
-            gen_opt.zero_grad()
-            self.manual_backward(g_loss)
-            gen_opt.step()
-        self.untoggle_optimizer(gen_opt)
+        d_loss = self.manual_update(disc_opt, lambda: self.discriminator_loss(x, x_adv))
+        g_loss, logs = self.manual_update(gen_opt, lambda: self.generator_loss(x, x_adv), times=self.generator_steps)
 
         self.log("train/loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=n)

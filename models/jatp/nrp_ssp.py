@@ -297,19 +297,9 @@ class NRPSSPModule(LitBase):
         x_adv = self.adversaries(x)
         if self.discriminator is not None:
             disc_opt = optimizers[1]
-            self.toggle_optimizer(disc_opt)
-            d_loss = self.discriminator_loss(x, x_adv)
-            disc_opt.zero_grad()
-            self.manual_backward(d_loss)
-            disc_opt.step()
-            self.untoggle_optimizer(disc_opt)
+            d_loss = self.manual_update(disc_opt, lambda: self.discriminator_loss(x, x_adv))
             self.log("train/d_loss", d_loss.detach(), on_step=False, on_epoch=True, batch_size=n)
-        self.toggle_optimizer(gen_opt)
-        g_loss, logs = self.generator_loss(x, x_adv)
-        gen_opt.zero_grad()
-        self.manual_backward(g_loss)
-        gen_opt.step()
-        self.untoggle_optimizer(gen_opt)
+        g_loss, logs = self.manual_update(gen_opt, lambda: self.generator_loss(x, x_adv))
         self.log("train/loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=n)
