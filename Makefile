@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 TORCH := torch==2.14.1 torchvision==0.29.1
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-all bench tables clean diffdefense-cpu disttrans-cpu jatp-cpu
+.PHONY: install demo test test-all bench bench-quick tables clean diffdefense-cpu disttrans-cpu jatp-cpu slurm-up slurm-down
 
 install: $(STAMP) $(FMNIST)
 
@@ -67,6 +67,7 @@ demo: install
 	echo "demo wall time: $$(( $$(date +%s) - start )) s"
 
 # Aggregate a multirun folder into Markdown (default: the newest under multirun/): make tables RUN=multirun/…
+# Under each table: its cost (jobs' wall time, CPU-minutes / GPU-hours, devices; training of the weights it loads).
 tables: install
 	$(PY) -m evaluation.tables $(RUN)
 
@@ -220,12 +221,27 @@ disttrans-cpu: install
 	  hydra.sweep.dir=$(DT_RUN)/table3/paper
 	$(PY) -m evaluation.report $(DT_RUN)
 
-# Speed figures (images/s of the evaluation loop, attacks per second); prints, never asserts.
+# Speed figures, each a ratio to a reference measured side by side in the same run (evaluation/bench.py; README
+# "Benchmark"): one JSON line per figure, then a Markdown summary; prints, never asserts. ≤ ~10 min on 2 cores; runs
+# unchanged on a GPU.
 bench: install
 	$(PY) -m evaluation.bench
 
+# The same figures at tiny sizes (PGD-5): a smoke test, < 1 min.
+bench-quick: install
+	$(PY) -m evaluation.bench --quick
+
 clean:
 	rm -rf outputs multirun .cache lightning_logs wandb
+
+# A single-node Slurm cluster on this machine for `hydra/launcher=slurm_local` (and tests/test_slurm.py): installs
+# Debian's slurmctld, slurmd, munge (root or sudo), renders scripts/slurm/slurm.conf.in, starts the daemons directly
+# (no systemd); idempotent. Not part of `make test`. `make slurm-down` stops the daemons.
+slurm-up:
+	scripts/slurm/up.sh
+
+slurm-down:
+	scripts/slurm/down.sh
 
 # CPU-scale RAP (issue 13) on the Fashion-MNIST stand-in for MNIST (Table 3 = experiment rap_mnist; no paper numbers):
 # trains the pytorch/examples CNN, its Madry PGD-AT version and the RAP adapter when missing, then the table on 1000
@@ -272,26 +288,44 @@ rap-cpu: install
 
 # CPU-scale JATP (issue 14) on the CIFAR-shaped stand-in fashion_mnist_rgb32 (NOT CIFAR-10): the TRADES ResNet-18
 # target ($(DT_AT): 6000 images, PGD-5, 12 min), then JATP and the three baselines trained against it when missing
-# (one epoch on 6000 images, 5-step training attacks, 10–15 min each — CPU reductions of the papers' 30 / 100 epochs),
-# then Table 1 on 200 test images (AutoAttack on 100) and the audit of each pre-processor (32 images, 10 steps).
-# Every attack is adaptive: exact gradients through pre-processor + target. Report: python -m evaluation.report $(JATP_RUN).
+# (a fraction of one epoch on 6000 images, 5-step training attacks, 6–12 min each — CPU reductions of the papers' 30 /
+# 100 epochs), then Table 1 on $(JATP_N) test images (AutoAttack on $(JATP_AA_N)) and the audit of each pre-processor
+# (16 images, 10 steps). Every attack is adaptive: exact gradients through pre-processor + target.
+# CPU reduction of the architecture: JATP's and NRP's generator is NRP(nf 16, 1 RRDB block, gc 8) = 0.09 GFLOP/image
+# instead of the paper's NRP(64, 3, 32) = 4.4 GFLOP/image (4× a ResNet-18 forward; session 8 measured > 4 min per
+# training batch of 128 with it on 2 cores); APE-GAN and HGD keep their papers' architectures. Validation: one batch.
+# About 1.5 h on 2 cores. Report: python -m evaluation.report $(JATP_RUN).
 JATP_RUN := multirun/jatp-cpu
+JATP_N := 100
+JATP_AA_N := 32
+JATP_SMALL_NRP := nf=16 nb=1 gc=8
 JATP_TRAIN := dataset=fashion_mnist_rgb32 victim=resnet18 trainer=cpu trainer.max_epochs=1 dataset.datamodule.train_subset=6000 \
-  dataset.datamodule.augment=true model.attack.steps=5 test_after_training=false $(CPU_TRAIN)
+  dataset.datamodule.augment=true model.attack.steps=5 test_after_training=false trainer.limit_val_batches=1 \
+  +trainer.num_sanity_val_steps=0 $(CPU_TRAIN)
 # No ImageNet VGG-16 offline: NRP's feature network is the seeded random VGG (an adaptation, named in its row).
 JATP_NRP := defense.purifier.feature_net=vgg16_random
-JATP_EVAL := experiment=jatp_table1 dataset=fashion_mnist_rgb32 dataset.eval_subset=200 eval.progress=false
+JATP_D_jatp := defense=jatp $(addprefix defense.purifier.net.,$(JATP_SMALL_NRP))
+JATP_D_nrp := defense=nrp $(JATP_NRP) $(addprefix defense.purifier.net.,$(JATP_SMALL_NRP))
+JATP_EVAL := experiment=jatp_table1 dataset=fashion_mnist_rgb32 dataset.eval_subset=$(JATP_N) eval.progress=false
+JATP_ATTACKS := attack=none,pgd_jatp,pgd_dlr_jatp,fwa,ti_bim_jatp
 JATP_AUDIT := audit=true dataset=fashion_mnist_rgb32 victim=resnet18 victim_training=trades attack=pgd_jatp attack.builder.steps=10 \
-  dataset.eval_subset=32 audit_settings.n_images=32 audit_settings.steps=10 audit_settings.square_queries=100 eval.progress=false
+  dataset.eval_subset=16 audit_settings.n_images=16 audit_settings.steps=10 audit_settings.square_queries=100 eval.progress=false
 jatp-cpu: install
 	test -f $(DT_CKPT)/resnet18-trades.pt || $(PY) train.py $(DT_AT) training=trades
-	test -f $(DT_CKPT)/jatp-resnet18-trades.pt || $(PY) train.py model=jatp $(JATP_TRAIN) +trainer.max_time=00:00:15:00
-	test -f $(DT_CKPT)/ape_gan-resnet18-trades-oblivious.pt || $(PY) train.py model=ape_gan $(JATP_TRAIN) +trainer.max_time=00:00:10:00
-	test -f $(DT_CKPT)/hgd-resnet18-trades-oblivious.pt || $(PY) train.py model=hgd $(JATP_TRAIN) +trainer.max_time=00:00:10:00
+	test -f $(DT_CKPT)/jatp-resnet18-trades.pt || $(PY) train.py model=jatp $(JATP_TRAIN) $(addprefix model.preprocessor.,$(JATP_SMALL_NRP)) \
+	  +trainer.max_time=00:00:12:00
+	test -f $(DT_CKPT)/ape_gan-resnet18-trades-oblivious.pt || $(PY) train.py model=ape_gan $(JATP_TRAIN) +trainer.max_time=00:00:06:00
+	test -f $(DT_CKPT)/hgd-resnet18-trades-oblivious.pt || $(PY) train.py model=hgd $(JATP_TRAIN) +trainer.max_time=00:00:08:00
 	test -f $(DT_CKPT)/nrp-vgg16_random.pt || $(PY) train.py model=nrp model.feature_net=vgg16_random $(JATP_TRAIN) \
-	  +trainer.max_time=00:00:10:00
-	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_NRP) attack=none,pgd_jatp,pgd_dlr_jatp,fwa,ti_bim_jatp hydra.sweep.dir=$(JATP_RUN)/table1/main
-	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_NRP) attack=autoattack dataset.eval_subset=100 hydra.sweep.dir=$(JATP_RUN)/table1/autoattack
-	for d in jatp ape_gan hgd; do $(PY) evaluate.py $(JATP_AUDIT) defense=$$d hydra.run.dir=$(JATP_RUN)/audit/$$d || exit 1; done
-	$(PY) evaluate.py $(JATP_AUDIT) defense=nrp $(JATP_NRP) hydra.run.dir=$(JATP_RUN)/audit/nrp
+	  $(addprefix model.preprocessor.,$(JATP_SMALL_NRP)) +trainer.max_time=00:00:06:00
+	$(PY) evaluate.py -m $(JATP_EVAL) defense=none,ape_gan,hgd $(JATP_ATTACKS) hydra.sweep.dir=$(JATP_RUN)/table1/none_ape_hgd
+	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_D_jatp) $(JATP_ATTACKS) hydra.sweep.dir=$(JATP_RUN)/table1/jatp
+	$(PY) evaluate.py -m $(JATP_EVAL) $(JATP_D_nrp) $(JATP_ATTACKS) hydra.sweep.dir=$(JATP_RUN)/table1/nrp
+	$(PY) evaluate.py -m $(JATP_EVAL) defense=none,ape_gan,hgd attack=autoattack dataset.eval_subset=$(JATP_AA_N) \
+	  hydra.sweep.dir=$(JATP_RUN)/table1/autoattack_none_ape_hgd
+	$(PY) evaluate.py $(JATP_EVAL) $(JATP_D_jatp) attack=autoattack dataset.eval_subset=$(JATP_AA_N) hydra.run.dir=$(JATP_RUN)/table1/autoattack_jatp
+	$(PY) evaluate.py $(JATP_EVAL) $(JATP_D_nrp) attack=autoattack dataset.eval_subset=$(JATP_AA_N) hydra.run.dir=$(JATP_RUN)/table1/autoattack_nrp
+	for d in ape_gan hgd; do $(PY) evaluate.py $(JATP_AUDIT) defense=$$d hydra.run.dir=$(JATP_RUN)/audit/$$d || exit 1; done
+	$(PY) evaluate.py $(JATP_AUDIT) $(JATP_D_jatp) hydra.run.dir=$(JATP_RUN)/audit/jatp
+	$(PY) evaluate.py $(JATP_AUDIT) $(JATP_D_nrp) hydra.run.dir=$(JATP_RUN)/audit/nrp
 	$(PY) -m evaluation.report $(JATP_RUN)

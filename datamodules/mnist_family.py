@@ -6,6 +6,7 @@ All read torchvision's on-disk layout (``<data_dir>/<Name>/raw/*-ubyte``) into m
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -81,7 +82,7 @@ class FashionMNISTDataModule(_TorchvisionGreyDataModule):
             if target.exists():
                 continue
             raw.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")  # per process: parallel jobs may unpack at once
             with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             tmp.replace(target)  # atomic: a half-written file is never read

@@ -19,6 +19,7 @@ from pathlib import Path
 from evaluation.audit import format_report
 from evaluation.plots import eps_curves, load_certificates, load_detections, plot_certify, plot_detection, plot_eps, plot_tstar, tstar_curves
 from evaluation.response import response_markdown
+from evaluation.cost import format_cost, sum_costs
 from evaluation.results import write_text_atomic
 from evaluation.tables import load_results, render
 
@@ -26,29 +27,36 @@ MIN_TSTAR_VALUES = 3
 MIN_EPS_VALUES = 3
 
 
+def cost_note(files: list[Path] | list[dict]) -> str:
+    """``**Cost**: …`` of the jobs behind a section (their result files' ``cost`` summed; evaluation/cost.py)."""
+    records = [json.loads(f.read_text()) if isinstance(f, Path) else f for f in files]
+    return f"\n**Cost**: {format_cost(sum_costs(r.get('cost') for r in records))}.\n"
+
+
 def section(folder: Path) -> str | None:
-    """The Markdown of one experiment folder, or ``None`` when it holds no result file."""
+    """The Markdown of one experiment folder, or ``None`` when it holds no result file. Each section ends with the
+    summed cost of its jobs (``render`` prints it under a results table)."""
     title = f"# {folder.name}\n\n"
     audits = sorted(folder.rglob("audit.json"))
     if audits:
-        return title + "\n".join("```\n" + format_report(json.loads(a.read_text())) + "\n```\n" for a in audits)
+        return title + "\n".join("```\n" + format_report(json.loads(a.read_text())) + "\n```\n" for a in audits) + cost_note(audits)
     if load_detections(folder):
         png = plot_detection(folder)
-        return title + png.with_suffix(".md").read_text() + f"\nROC curves: `{png}`\n"
+        return title + png.with_suffix(".md").read_text() + f"\nROC curves: `{png}`\n" + cost_note(sorted(folder.rglob("detection.json")))
     if load_certificates(folder):
         png = plot_certify(folder)
-        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n" + cost_note(sorted(folder.rglob("certify.json")))
     results = load_results(folder)
     if not results:
         return None
     curves = tstar_curves(results)
     if curves and max(len(c) for by_attack in curves.values() for c in by_attack.values()) >= MIN_TSTAR_VALUES:
         png = plot_tstar(folder)
-        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n" + cost_note(results)
     by_eps = eps_curves(results)
     if by_eps and max(len(c) for lines in by_eps.values() for c in lines.values()) >= MIN_EPS_VALUES:
         png = plot_eps(folder)
-        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n"
+        return title + png.with_suffix(".md").read_text() + f"\nPlot: `{png}`\n" + cost_note(results)
     return title + render(folder) + response_markdown(results)
 
 

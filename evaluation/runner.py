@@ -20,7 +20,9 @@ from defenses.base import Defended
 from evaluation.audit import format_report, run_audit
 from evaluation.loop import evaluate
 from evaluation.multirun import in_multirun
+from evaluation.cost import CostClock
 from evaluation.results import device_name, git_commit, write_csv_atomic, write_json_atomic
+from evaluation.speedups import SPEED_FLAGS, SpeedUps, ignored_note
 
 #: Config keys that do not change the numbers, left out of the resume-cache key.
 _NOT_IN_CACHE_KEY = ("paths", "hydra", "logger", "task_name", "audit", "audit_settings", "paper", "paper_quoted", "table", "device", "detection",
@@ -33,7 +35,7 @@ SOURCE_PACKAGES = ("datamodules", "models", "defenses", "attacks", "evaluation")
 #: Left out of the source hash: they only read, format or print results (or guard the command line), so
 #: editing a table layout must not throw away hours of cached attacks.
 PRESENTATION_MODULES = ("evaluation/tables.py", "evaluation/report.py", "evaluation/plots.py", "evaluation/bench.py", "evaluation/cli.py",
-                        "evaluation/multirun.py", "evaluation/wandb_sweep.py")
+                        "evaluation/multirun.py", "evaluation/wandb_sweep.py", "evaluation/cost.py")
 #: Installed distributions whose releases change attacks or numerics (torchattacks/AutoAttack defects, kernels).
 VERSIONED_PACKAGES = ("torch", "torchattacks", "pyautoattack")
 
@@ -116,8 +118,10 @@ def cache_key(
         # re-tuning DiffDefense's T* must not invalidate the undefended model's cached batches.
         plain["dataset"] = {k: v for k, v in plain["dataset"].items() if k != "tuned"}
     if "eval" in plain:
-        # score_clean only when off, so the keys of every run that scores clean images stay as they were.
-        plain["eval"] = {k: v for k, v in plain["eval"].items() if k == "n_draws" or (k == "score_clean" and v is False)}
+        # score_clean only when off, so the keys of every run that scores clean images stay as they were; the speed-up
+        # flags (they change the arithmetic) only when on, for the same reason.
+        plain["eval"] = {k: v for k, v in plain["eval"].items()
+                         if k == "n_draws" or (k == "score_clean" and v is False) or (k in SPEED_FLAGS and v not in (None, False))}
     keyed = {"config": plain, "provenance": provenance(device, source_root)}
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode())
     for path in sorted(set(_weights_files(plain))):
@@ -220,7 +224,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     ``dataset.shard=i/n``: only the i-th of n shards of whole evaluation batches, each under the unsharded run's batch
     index and seed (``datamodules.base.Shard``); results.json records the shard and the per-batch counts, from which
-    ``evaluation.tables`` merges the n shards into the unsharded numbers."""
+    ``evaluation.tables`` merges the n shards into the unsharded numbers.
+
+    Every result file records ``cost`` (``evaluation.cost.cost_record``): device, wall time of this job from here
+    to the file, CPU-minutes or GPU-hours; ``make tables`` sums it per table."""
+    clock = CostClock()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.paths.output_dir)
@@ -232,26 +240,32 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     defended = build_defended(cfg).to(device)
     attack = instantiate(cfg.attack)
     threat = instantiate(cfg.threat.model)
+    # eval.amp / channels_last / compile (evaluation/speedups.py): the attack evaluation only; the other modes run fp32.
+    speedups = SpeedUps.from_config(cfg.eval, attack)
+    for mode in ("audit", "certify", "detection"):
+        if cfg.get(mode) and ignored_note(speedups, mode):
+            print(f"NOTE: {ignored_note(speedups, mode)}", flush=True)
     if cfg.audit:
-        return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir)
+        return run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir, clock=clock)
     # --- certify=true: randomized-smoothing certification (evaluation/certify.py) instead of an attack ---------
     if cfg.get("certify"):
-        return run_certification_from_config(cfg, defended, datamodule, device, out_dir)
+        return record_cost(run_certification_from_config(cfg, defended, datamodule, device, out_dir), clock, device,
+                           out_dir / "certify.json")
     # --- end certify -----------------------------------------------------------------------------------------
     # Adversarial batches of defense-independent threats (oblivious, transfer), shared across defenses.
-    adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'), device=device)}" if cfg.eval.resume else None
+    adv_cache_dir = Path(cfg.eval.cache_dir) / "adv" / f"{cfg.dataset.name}-{cache_key(cfg, ignore=('defense', 'eval'), device=device)}{speedups.cache_suffix}" if cfg.eval.resume else None
     if cfg.get("detection"):
         from evaluation.detection import run_detection
 
         extra = run_metadata(cfg, device)
         key = f"{cfg.dataset.name}-{cache_key(cfg, device=device)}-detection.jsonl"
         clean_key = f"{cfg.dataset.name}-{cache_key(cfg, ignore=('attack', 'threat'), device=device)}-detection-clean.jsonl"
-        return run_detection(
+        return record_cost(run_detection(
             defended, datamodule, attack, threat, seed=cfg.seed, device=device, max_batches=cfg.eval.max_batches,
             cache_file=Path(cfg.eval.cache_dir) / key if cfg.eval.resume else None, progress=cfg.eval.progress,
             out_dir=out_dir, extra=extra, adv_cache_dir=adv_cache_dir,
             clean_cache_file=Path(cfg.eval.cache_dir) / clean_key if cfg.eval.resume else None,
-        )
+        ), clock, device, out_dir / "detection.json")
 
     cache_file = Path(cfg.eval.cache_dir) / f"{cfg.dataset.name}-{cache_key(cfg, device=device)}.jsonl" if cfg.eval.resume else None
     clean_key = cache_key(cfg, ignore=("attack", "threat"), device=device)
@@ -262,7 +276,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         print(f"shard {shard.index}/{shard.count}: batches {shard.first_batch}–{shard.stop_batch - 1} of {shard.n_batches} "
               f"(images {shard.first_image}–{shard.stop_image - 1} of {shard.n_images})", flush=True)
     metrics = evaluate(
-        defended,
+        speedups.apply(defended),
         data,
         attack,
         threat,
@@ -288,6 +302,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "cache_file": str(cache_file) if cache_file else None,
         "run_key": cache_key(cfg, device=device),
         "shard": None if shard is None else shard_record(shard, unsharded_key(cfg, device)),
+        "speedups": speedups.as_dict(),
     }
     if cfg.eval.get("image_quality"):
         result.update(purified_image_quality(defended.purifier, datamodule, device, cfg.seed))
@@ -296,9 +311,19 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.get("time_purifier"):
         result.update(time_purifier(defended.purifier, datamodule, device, cfg.eval.time_purifier_bs1_images, cfg.seed))
         result["paper_purify_s_per_image"] = _paper_number(cfg, "s_per_image")
+    result["cost"] = clock.cost(device)  # last, so the wall time covers every extra measurement above
     write_json_atomic(out_dir / "results.json", result)
     write_csv_atomic(out_dir / "results.csv", [csv_row(result)])
     log_summary(cfg, result)
+    return result
+
+
+def record_cost(result: dict[str, Any], clock: CostClock, device: torch.device, path: Path) -> dict[str, Any]:
+    """``result["cost"]`` = the job's cost up to now, and ``path`` (the result file the mode already wrote: certify.json,
+    detection.json) rewritten with it, atomically."""
+    result["cost"] = clock.cost(device)
+    if path.exists():
+        write_json_atomic(path, result)
     return result
 
 
@@ -309,7 +334,9 @@ def shard_record(shard: Shard, cell: str) -> dict[str, Any]:
 
 def csv_row(result: dict[str, Any]) -> dict[str, Any]:
     """The flat CSV row of a result: nested blocks left to results.json, a shard as ``i/n``."""
-    row = {k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance", "purifier", "batch_records", "shard")}
+    row = {k: v for k, v in result.items() if k not in ("config", "table", "paper", "provenance", "purifier", "batch_records", "shard", "speedups", "cost")}
+    cost = result.get("cost") or {}
+    row.update({f"cost_{k}": cost.get(k) for k in ("device_kind", "wall_s", "cpu_minutes", "gpu_hours")} if cost else {})
     if result.get("shard"):
         row["shard"] = f"{result['shard']['index']}/{result['shard']['count']}"
     return row
@@ -477,8 +504,12 @@ def run_certification_from_config(cfg: DictConfig, defended: Defended, datamodul
 # --- end certify -----------------------------------------------------------------------------------------------
 
 
-def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir: Path) -> dict[str, Any]:
+def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out_dir: Path, clock: CostClock | None = None) -> dict[str, Any]:
+    """The audit on ``audit_settings.n_images`` images → audit.json (with ``cost``: ``clock`` from the start of the job,
+    or from here when None)."""
     from evaluation.threats import WhiteBoxAdaptive
+
+    clock = clock or CostClock()
 
     datamodule.setup("test")
     s = cfg.audit_settings
@@ -498,6 +529,7 @@ def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out
         attack=attack if attack.bounded else None, square_queries=s.square_queries, confidence=s.confidence, seed=cfg.seed,
     )
     report.update(run_label(cfg))
+    report["cost"] = clock.cost(device)
     write_json_atomic(out_dir / "audit.json", report)
     print(format_report(report))
     return report

@@ -22,7 +22,13 @@ Shards (``dataset.shard=i/n``, a multirun over i) of one evaluation are merged i
 shown: their per-batch counts (``batch_records``) are concatenated in batch order and summed exactly as the unsharded
 run sums its own, so the merged row has the unsharded run's numbers, and a note says "merged n/n shards". Shards
 belong together when their ``shard.cell`` (the run's cache key without the shard: config, code, versions, device kind,
-weights) agrees; a cell with a missing or a duplicate shard is refused in one line rather than shown in part.
+weights) agrees; a cell with a missing or a duplicate shard is refused in one line rather than shown in part. The merged
+row's ``cost`` is the sum of the shards' (``evaluation.cost.sum_costs``).
+
+Under each table, its cost (issue 15): the jobs whose results.json it read, their wall times summed, CPU-minutes and
+GPU-hours summed over the jobs of each kind, and the devices (``evaluation.cost.format_cost``); jobs written before
+cost reporting have no ``cost`` and are counted as unknown, never as zero. A second line gives the training cost of the
+weights files the runs load, where ``train.py`` recorded one beside them (``<weights>.train.json``).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from evaluation.cost import format_cost, sum_costs, training_record_path
 from evaluation.results import write_text_atomic
 
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images", "images_per_s", "seconds")
@@ -117,7 +124,8 @@ def merge_cell(parts: list[dict[str, Any]]) -> dict[str, Any]:
     first = parts[0]["shard"]
     shard = {"merged": n, "count": n, "cell": first["cell"], "batches": [0, n_batches], "n_batches": n_batches,
              "images": [0, int(first["n_images"])], "n_images": int(first["n_images"])}
-    return {**parts[0], **summary, "batch_records": records, "shard": shard}
+    cost = sum_costs(p.get("cost") for p in parts)
+    return {**parts[0], **summary, "batch_records": records, "shard": shard, "cost": cost}
 
 
 def _fmt(v: Any) -> str:
@@ -277,15 +285,72 @@ def _shard_label(result: dict[str, Any]) -> str:
     return f"{shard['index']}/{shard['count']}" if "index" in shard else "–"
 
 
+def _wall_label(result: dict[str, Any]) -> str:
+    wall = (result.get("cost") or {}).get("wall_s")
+    return "–" if wall is None else f"{float(wall):.4g}"
+
+
+def table_cost(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summed cost of the jobs behind ``results`` (a merged row counts its shards): ``evaluation.cost.sum_costs``,
+    plus ``unknown_seconds``, the attack-loop ``seconds`` of the jobs without a cost record (what is known of them)."""
+    total = sum_costs(r.get("cost") for r in results)
+    unknown = [r for r in results if not isinstance(r.get("cost"), dict)]
+    seconds = [float(r["seconds"]) for r in unknown if isinstance(r.get("seconds"), (int, float))]
+    total["unknown_seconds"] = sum(seconds) if seconds and len(seconds) == len(unknown) else None
+    return total
+
+
+def _weights_paths(node: Any) -> list[str]:
+    """Every ``weights`` path in a result's resolved config (victim, surrogate, denoiser, adapter …)."""
+    if isinstance(node, dict):
+        found = [v for k, v in node.items() if k == "weights" and isinstance(v, str)]
+        return found + [p for v in node.values() for p in _weights_paths(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _weights_paths(v)]
+    return []
+
+
+def training_cost(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The summed training cost (``sum_costs``; ``jobs`` = weights files) of the distinct weights files the runs load that
+    exist on this machine, read from the ``<weights>.train.json`` train.py writes beside them; None when they load none."""
+    files = sorted({p for r in results for p in _weights_paths(r.get("config") or {}) if Path(p).is_file()})
+    if not files:
+        return None
+    costs = []
+    for f in files:
+        try:
+            costs.append(json.loads(training_record_path(f).read_text(encoding="utf-8")).get("cost"))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            costs.append(None)
+    return sum_costs(costs)
+
+
+def cost_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The lines printed under a table: its evaluation cost and, where recorded, its weights' training cost."""
+    total = table_cost(results)
+    line = f"**Cost** of this table: {format_cost(total)}"
+    if total["unknown_jobs"] and total.get("unknown_seconds") is not None:
+        line += f" (the attack loops of the unknown ones alone took {total['unknown_seconds']:.4g} s, their `seconds`)"
+    lines = [line + ". Wall times summed over the jobs; CPU-minutes = wall minutes of the machine, GPU-hours = wall "
+                    "hours × GPUs (docs/decisions.md \"Cost unit\"); training not included."]
+    trained = training_cost(results)
+    if trained is not None:
+        text = format_cost(trained, noun="weights file", missing="no training record: trained before cost reporting, or not by train.py")
+        lines.append(f"Training of the weights these runs load (`<weights>.train.json`): {text}.")
+    return lines
+
+
 def long_table(results: list[dict[str, Any]]) -> str:
     timing = tuple(k for k in TIMING_COLUMNS if any(r.get(k) is not None for r in results))
     # "n/n merged" beside a merged row (so it reads apart from an unsharded run of the same cell), when there is one.
     shards = ("shards",) if any(r.get("shard") for r in results) else ()
-    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + shards + ("paper",)
+    # The job's wall time (cost.wall_s, summed over shards for a merged row), when some run recorded one.
+    cost = ("wall_s",) if any(isinstance(r.get("cost"), dict) for r in results) else ()
+    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + shards + cost + ("paper",)
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     order = ("dataset", "victim", "victim_training", "defense", "threat", "attack")
     for r in sorted(results, key=lambda r: tuple(str(r.get(k)) for k in order)):
-        fmt = lambda k: (_shard_label(r) if k == "shards" else  # noqa: E731
+        fmt = lambda k: (_shard_label(r) if k == "shards" else _wall_label(r) if k == "wall_s" else  # noqa: E731
                          f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k)))
         lines.append("| " + " | ".join(fmt(k) for k in keys) + " |")
     return "\n".join(lines)
@@ -303,6 +368,7 @@ def render(run_dir: str | Path) -> str:
         grid_table(results),
         "",
         *(line for note in grid_notes(results) for line in (note, "")),
+        *(line for note in cost_lines(results) for line in (note, "")),
         "## All metrics",
         "",
         long_table(results),

@@ -40,9 +40,14 @@ class LitBase(LightningModule, ABC):
     def _shared(self, batch: Any, stage: str) -> torch.Tensor:
         loss, logs = self.step(batch, stage)
         batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else None
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        # Under DDP (trainer=ddp) val/test epoch means are reduced over ranks, so val/acc is the whole split's, not
+        # rank 0's shard; training logs stay per-rank (no extra all-reduce per step). A no-op on one device.
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=batch_size,
+                 sync_dist=sync)
         for key, value in logs.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key == "acc", on_step=False, on_epoch=True, batch_size=batch_size)
+            self.log(f"{stage}/{key}", value, prog_bar=key == "acc", on_step=False, on_epoch=True, batch_size=batch_size,
+                     sync_dist=sync)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -89,7 +89,9 @@ def test_denoiser_model_config(compose):
 def test_trainer_configs(compose, name):
     cfg = compose("train", [f"trainer={name}", "logger=csv"])
     if name != "gpu":
-        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        # ddp asks for 2 devices: CPU processes here, but "auto" would ask a 1-GPU machine for 2 GPUs.
+        cpu = {"accelerator": "cpu"} if name == "ddp" else {}
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, **cpu)
         assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
@@ -108,7 +110,7 @@ def test_experiment_configs(compose, name):
     assert cfg.table.name
 
 
-@pytest.mark.parametrize("launcher", ["basic", "slurm", "local", "submitit_slurm", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["basic", "slurm", "slurm_local", "local", "submitit_slurm", "submitit_local"])
 def test_hydra_launchers(tmp_path, data_dir, launcher):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -64,6 +64,11 @@ def test_failing_job_does_not_stop_the_sweep_rerun_skips_done_jobs_and_shards_me
     parts = {json.loads((sweep / j / "results.json").read_text())["shard"]["batches"][0] for j in ("0", "2")}
     assert parts == {0, 1}
     assert "merged 2/2 shards (3 batches, 48 images)" in render(sweep)
+    # The merged row's cost is the sum of its shards' (each job recorded its own wall time and device).
+    shard_costs = [json.loads((sweep / j / "results.json").read_text())["cost"] for j in ("0", "2")]
+    assert all(c["wall_s"] > 0 and c["device_kind"] == "cpu" for c in shard_costs)
+    assert merged[0]["cost"]["jobs"] == 2 and merged[0]["cost"]["wall_s"] == pytest.approx(sum(c["wall_s"] for c in shard_costs))
+    assert "**Cost** of this table: 3 jobs: wall " in render(sweep)
 
     # Rerun into the same folder: the finished jobs are skipped (their files untouched), the failing one fails again.
     stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
