@@ -4,6 +4,7 @@ its weights, the respaced chain with β̃, the authors' training recipe configs,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -381,3 +382,26 @@ def test_bit_depth_is_swept_in_the_diffdefense_tables(compose, experiment, colum
     assert paper_protocol.table.row == "mnist fgsm_unclipped"  # a row of its own, beside the paper's "mnist fgsm"
     for threat in ("oblivious", "transfer", "white_box_adaptive"):
         compose("evaluate", [f"experiment={experiment}", "defense=bit_depth", f"threat={threat}"])
+
+
+# -- E. `make diffdefense-mnistdev`: each variant gets its own validation-tuned T* ----------------------------------------
+def _makefile_vars() -> dict[str, str]:
+    """``NAME := value`` lines of the Makefile (continuation lines joined)."""
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    return {m[0]: " ".join(m[1].split()) for m in re.findall(r"^([A-Z_]+) := (.*)$", text, flags=re.M)}
+
+
+def test_mnistdev_target_passes_each_variant_its_own_tuned_t_star(compose):
+    make = _makefile_vars()
+    ours, authors = int(make["DEV_TSTAR"]), int(make["DEV_TSTAR_AUTHORS"])
+    base = make["DEV_BASE"].replace("$(DEV_TSTAR_AUTHORS)", str(authors)).replace("$(DEV_TSTAR)", str(ours)).split()
+    assert base[0] == "dataset=mnist"
+    for defense, t_star in (("diffdefense", ours), ("diffdefense_authors", authors)):
+        cfg = compose("evaluate", ["experiment=diffdefense_table1", *base, f"defense={defense}"])
+        assert instantiate(cfg.defense.purifier, weights=None).t_star == t_star
+    # The same overrides leave the undefended and binarisation columns composable (no defense.purifier.t_star key).
+    for defense in ("none", "bit_depth"):
+        compose("evaluate", ["experiment=diffdefense_table1", *base, f"defense={defense}"])
+    # Without them, full MNIST keeps the authors' released default: nothing tuned on mnist-dev leaks into dataset=mnist.
+    plain = compose("evaluate", ["experiment=diffdefense_table1", "dataset=mnist", "defense=diffdefense_authors"])
+    assert instantiate(plain.defense.purifier, weights=None).t_star == 15
