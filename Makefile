@@ -165,7 +165,8 @@ diffdefense-cpu: install
 # fgsm_unclipped and deepfool_art), Table 2 (standard and FGSM-AT A), the adaptive rows (exact gradients and identity
 # BPDA, per image the worse, loss-EOT 2, on $(DEV_ADAPT_N) images) and the response diagnostic. $(DEV_N) test images,
 # $(DEV_DRAWS) draws per image. Report: $(DEV_RUN)/report.md. `make -j2 diffdefense-mnistdev` runs the tables side
-# by side (OMP_NUM_THREADS=1 each on 2 cores). Costs (2 cores): weights ~35 min, dev-tstar ~15 min, tables ~80 min.
+# by side (OMP_NUM_THREADS=1 each on 2 cores). Measured (session 9, two 1-thread jobs side by side): weights 58 min of
+# jobs (~30 min wall), dev-tstar ~15 min, Table 1 2.13 h + Table 2 43 min + response 12 min of jobs; 2 h 26 min wall in all.
 DEV_RUN := multirun/mnist-dev
 DEV_CKPT := checkpoints/mnist
 DEV_N := 200
