@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
@@ -45,6 +46,7 @@ from evaluation.loop import constraint_violations, predict_draws
 from evaluation.threats import Oblivious, Query, ThreatModel, Transfer, WhiteBoxAdaptive
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
+log = logging.getLogger(__name__)
 #: Builder arguments that set an attack's iteration or query budget (doubled by check (b)).
 BUDGET_KEYS = ("steps", "n_iter", "max_iterations", "n_queries")
 #: Builder arguments that set an attack's own EOT samples (doubled by check (b) for handles_eot attacks).
@@ -62,6 +64,19 @@ class Check:
     def passed(self) -> bool | None:
         """True / False, or None when not applicable."""
         return None if self.status == NA else self.status == PASS
+
+
+class _LoggedChecks(list):
+    """The audit's checks, each logged the moment it is decided: an audit of a long chain runs for hours on a CPU,
+    and a run stopped before its verdict still shows which checks it passed."""
+
+    def append(self, check: Check) -> None:
+        log.info("audit %s: %s — %s", check.name, check.status.upper(), check.detail)
+        super().append(check)
+
+    def extend(self, checks) -> None:
+        for check in checks:
+            self.append(check)
 
 
 def _check(name: str, ok: bool, detail: str, values: dict[str, Any] | None = None) -> Check:
@@ -197,7 +212,7 @@ def run_audit(
             correct = predict_draws(model, x_adv, n_draws if model.stochastic else 1) == y
         return Run(correct.float().mean(0), x_adv)
 
-    checks: list[Check] = []
+    checks: list[Check] = _LoggedChecks()
 
     # (a) an unbounded attack reaches ≈ 0; accuracy never rises with ε.
     big = 1.0 if norm == "Linf" else float(x[0].numel()) ** 0.5

@@ -69,8 +69,11 @@ def test_tolerances_are_binomial_intervals():
     assert zero_rate_bound(128) == pytest.approx(100 * 2.9957 / 128, rel=1e-3)  # rule of three
 
 
-def test_audit_passes_an_honest_model(trained_victim, xy):
-    report = run_audit(Defended(Identity(), trained_victim), *xy, **FAST)
+def test_audit_passes_an_honest_model(trained_victim, xy, caplog):
+    with caplog.at_level("INFO", logger="evaluation.audit"):
+        report = run_audit(Defended(Identity(), trained_victim), *xy, **FAST)
+    # every check is logged as it is decided (a long audit shows its progress before the verdict)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"audit {c['name']}" for c in report["checks"]]
     assert report["passed"], format_report(report)
     status = _status(report)
     # a comparison of a model with itself is not applicable, never PASS
