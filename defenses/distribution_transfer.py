@@ -45,6 +45,10 @@ from defenses.diffpure import DiffPure
 from models.diffusion.schedule import DiffusionSchedule, Guidance, to_image_space
 
 VARIANTS = ("paper", "authors_code")
+#: How D compares the logits: ``norm`` = ‖f(x̂_0) − f(x_adv)‖₂ as Eq. 11 prints it; ``squared`` = its square, the
+#: authors' ``loss1``. The norm's gradient (f − f_ref)/‖f − f_ref‖ turns with every small change near x̂_0 ≈ x_adv,
+#: so the guided chain is a rough function of its input; the square's gradient 2(f − f_ref) vanishes smoothly there.
+DISTANCES = ("norm", "squared")
 
 
 def ssim_per_image(x: Tensor, y: Tensor) -> Tensor:
@@ -58,8 +62,13 @@ class ClassifierGuidance:
     ``distance(x_t, pred_x0)`` is D per image; ``__call__`` is the ``Guidance`` hook of ``p_sample``.
     """
 
-    def __init__(self, classifier: nn.Module, x_ref: Tensor, scale: float, phi: float, create_graph_ref: bool) -> None:
+    def __init__(
+        self, classifier: nn.Module, x_ref: Tensor, scale: float, phi: float, create_graph_ref: bool, distance: str = "norm",
+    ) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}: use one of {DISTANCES}")
         self.classifier = classifier
+        self.distance_kind = distance
         self.scale = float(scale)
         self.phi = float(phi)
         # The reference f(x_adv) stays in the attack's graph when the attack differentiates through the defense.
@@ -69,7 +78,8 @@ class ClassifierGuidance:
 
     def distance(self, pred_x0: Tensor) -> Tensor:
         image = to_image_space(pred_x0)
-        d = (self.classifier(image) - self.f_ref).flatten(1).norm(dim=1)
+        diff = (self.classifier(image) - self.f_ref).flatten(1)
+        d = diff.norm(dim=1) if self.distance_kind == "norm" else diff.pow(2).sum(1)
         if self.phi:
             d = d + self.phi * (1.0 - ssim_per_image(image, self.x_ref.to(image.dtype)))
         return d
@@ -87,6 +97,7 @@ class DistributionTransfer(DiffPure):
         classifier: the protected model f (the victim), used by the guidance only (frozen).
         variant: ``"paper"`` (guided multi-step) or ``"authors_code"`` (one-shot x̂_0, no guidance).
         scale: s of Eq. 10 (0 disables the guidance); phi: φ of Eq. 11.
+        distance: ``"norm"`` (Eq. 11 as printed) or ``"squared"`` (the authors' code), see ``DISTANCES``.
         t_star: forward steps on the denoiser's schedule; ``None`` → the step matching ``match_t``.
         match_t: ``{t, num_steps, kind}`` — the reference noise level (the authors' t = 470 of 4000 cosine).
     """
@@ -100,6 +111,7 @@ class DistributionTransfer(DiffPure):
         variant: str = "paper",
         scale: float = 1.0,
         phi: float = 1.0,
+        distance: str = "norm",
         t_star: int | None = None,
         match_t: Mapping[str, Any] | None = None,
         **kwargs,
@@ -115,6 +127,9 @@ class DistributionTransfer(DiffPure):
         self.variant = variant
         self.scale = float(scale) if variant == "paper" else 0.0
         self.phi = float(phi)
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}: use one of {DISTANCES}")
+        self.distance = distance
         if self.scale and classifier is None:
             raise ValueError("distribution transfer's guidance needs the protected model: set classifier (e.g. ${victim})")
         if self.scale and self.sampler == "one_shot":
@@ -124,7 +139,7 @@ class DistributionTransfer(DiffPure):
             self.denoiser.double_backward = True  # the attack's gradient runs through the guidance's gradient
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, variant={self.variant}, scale={self.scale:g}, phi={self.phi:g}"
+        return f"{super().extra_repr()}, variant={self.variant}, scale={self.scale:g}, phi={self.phi:g}, distance={self.distance}"
 
     def train(self, mode: bool = True) -> "DistributionTransfer":
         super().train(mode)
@@ -135,7 +150,8 @@ class DistributionTransfer(DiffPure):
     def guidance(self, x: Tensor) -> Guidance | None:
         if not self.scale:
             return None
-        return ClassifierGuidance(self.classifier, x, self.scale, self.phi, create_graph_ref=torch.is_grad_enabled() and x.requires_grad)
+        return ClassifierGuidance(self.classifier, x, self.scale, self.phi,
+                                  create_graph_ref=torch.is_grad_enabled() and x.requires_grad, distance=self.distance)
 
 
 def matched_t_star(schedule: DiffusionSchedule, match_t: Mapping[str, Any]) -> int:

@@ -143,6 +143,22 @@ def test_a_guidance_step_lowers_the_distance():
     assert (distance(guided) < distance(plain)).all()
 
 
+@pytest.mark.parametrize("distance", ["norm", "squared"])
+def test_the_logit_distance_is_the_norm_as_printed_or_its_square(distance):
+    torch.manual_seed(0)
+    clf, x_ref, x0 = TinyClassifier(), torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    guide = ClassifierGuidance(clf, x_ref, scale=1.0, phi=0.0, create_graph_ref=False, distance=distance)
+    gap = (clf(x0) - clf(x_ref)).flatten(1).norm(dim=1)
+    with torch.no_grad():
+        d = guide.distance(to_model_space(x0))
+    assert torch.allclose(d, gap if distance == "norm" else gap**2, atol=1e-5)
+
+
+def test_an_unknown_distance_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="norm.*squared"):
+        DistributionTransfer(TinyEps(), DiffusionSchedule(1000, 1e-4, 0.02), classifier=TinyClassifier(), t_star=3, distance="l1")
+
+
 def test_checkpointed_and_plain_gradients_agree_with_double_backprop():
     s = DiffusionSchedule(1000, 1e-4, 0.02)
     eps, clf = TinyEps().double(), TinyClassifier().double()
