@@ -52,6 +52,13 @@ VARIANTS = ("paper", "authors_code")
 DISTANCES = ("norm", "squared")
 
 
+def checked_distance(distance: str) -> str:
+    """``distance`` if it is one of ``DISTANCES``; else one error that lists them."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}: use one of {DISTANCES}")
+    return distance
+
+
 def ssim_per_image(x: Tensor, y: Tensor) -> Tensor:
     """SSIM of each image pair (N,), images in [0, 1] (torchmetrics' Gaussian-window SSIM, differentiable)."""
     return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
@@ -66,10 +73,8 @@ class ClassifierGuidance:
     def __init__(
         self, classifier: nn.Module, x_ref: Tensor, scale: float, phi: float, create_graph_ref: bool, distance: str = "norm",
     ) -> None:
-        if distance not in DISTANCES:
-            raise ValueError(f"unknown distance {distance!r}: use one of {DISTANCES}")
         self.classifier = classifier
-        self.distance_kind = distance
+        self.distance_kind = checked_distance(distance)
         self.scale = float(scale)
         self.phi = float(phi)
         # The reference f(x_adv) stays in the attack's graph when the attack differentiates through the defense.
@@ -128,9 +133,7 @@ class DistributionTransfer(DiffPure):
         self.variant = variant
         self.scale = float(scale) if variant == "paper" else 0.0
         self.phi = float(phi)
-        if distance not in DISTANCES:
-            raise ValueError(f"unknown distance {distance!r}: use one of {DISTANCES}")
-        self.distance = distance
+        self.distance = checked_distance(distance)
         if self.scale and classifier is None:
             raise ValueError("distribution transfer's guidance needs the protected model: set classifier (e.g. ${victim})")
         if self.scale and self.sampler == "one_shot":
