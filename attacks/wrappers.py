@@ -137,7 +137,9 @@ class BPDA(nn.Module):
 
     ``approximation`` defaults to the identity (straight-through estimator), which is the right
     choice for purifiers whose output stays close to their input (Athalye et al. 2018, §4.1).
-    It keeps the wrapped module's ``stochastic`` flag, so EOT and scoring still see the randomness.
+    It keeps the wrapped module's ``stochastic`` flag, so EOT and scoring still see the randomness. A stochastic
+    ``approximation`` (a smooth surrogate of a stochastic purifier) draws the same random numbers as ``module`` does
+    right after it, so the gradient belongs to the very draw whose output the attack sees.
     """
 
     differentiable = True
@@ -152,7 +154,11 @@ class BPDA(nn.Module):
         return is_stochastic(self.module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        approx = x if self.approximation is None else self.approximation(x)
+        if self.approximation is None:
+            approx = x
+        else:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                approx = self.approximation(x)  # replays the RNG state that module(x) starts from below
         with torch.no_grad():
             exact = self.module(x)
         return approx + (exact - approx).detach()

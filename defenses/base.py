@@ -25,6 +25,9 @@ class Purifier(nn.Module):
       run along both paths, exact and identity BPDA, and keep each image's worse candidate.
     - ``votes``: > 1 → ``Defended`` classifies by majority vote over that many purifications
       (DensePure); see ``Defended.vote``.
+
+    One optional method, ``smooth_surrogate()``, names a smooth stand-in for a purifier whose exact gradient is
+    correct but describes a discontinuous function (see its docstring).
     """
 
     stochastic: bool = False
@@ -35,6 +38,17 @@ class Purifier(nn.Module):
     def bpda_approximation(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable stand-in used by BPDA on the backward pass (identity by default)."""
         return x
+
+    def smooth_surrogate(self) -> nn.Module | None:
+        """A smooth purifier that computes (nearly) the same function, or ``None`` (the default: none needed).
+
+        For purifiers whose forward pass is discontinuous in x although every op has a gradient (distribution
+        transfer's guidance ∇ₓD carries a ReLU classifier's masks): the exact gradient then holds only inside one
+        activation region. ``WhiteBoxAdaptive`` adds an attack path that forwards the real purifier and backpropagates
+        through this one (BPDA with a differentiable approximation, same random draws), and the audit checks that
+        gradient against the surrogate's own function and the surrogate's predictions against the real purifier's.
+        """
+        return None
 
 
 class Identity(Purifier):

@@ -117,9 +117,13 @@ class DiffPure(Purifier):
     def weakened(self) -> "DiffPure":
         """The same defense with t* = 0 (no diffusion): the audit's "a weakened defense must be weaker" check
         compares it with the undefended model, to which it must fall."""
-        weak = copy.copy(self)
-        weak._modules = dict(self._modules)  # shares the frozen denoiser (and guidance classifier)
-        weak.t_star = 0
-        weak.stochastic = False
-        return weak
+        return self.variant_copy(t_star=0, stochastic=False)
+
+    def variant_copy(self, **settings) -> "DiffPure":
+        """This purifier with some attributes changed, sharing the frozen denoiser (and guidance classifier)."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)
+        for name, value in settings.items():
+            setattr(other, name, value)
+        return other
 

@@ -31,7 +31,10 @@ Two named variants (docs/decisions.md):
   ``DiffusionSchedule.match_step``): step 57 of the 1000-step linear DDPM.
 
 Attacks differentiate through every step, the guidance's own gradient included (double backprop), with
-activation checkpointing; ``stochastic = True``.
+activation checkpointing; ``stochastic = True``. With the guidance on, that exact gradient is shattered (∇D carries
+f's ReLU masks, piecewise constant in x: the audit's finite differences fail), so the guided purifier also offers
+``smooth_surrogate()`` — the same chain with f's ReLUs as softplus(β·)/β inside the guidance only — along which the
+adaptive attack runs a third path (forward the real chain, backward the surrogate, same noise).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from defenses.diffpure import DiffPure
 from models.diffusion.schedule import DiffusionSchedule, Guidance, to_image_space
+from models.smooth_relu import softplus_relus
 
 VARIANTS = ("paper", "authors_code")
 #: How D compares the logits: ``norm`` = ‖f(x̂_0) − f(x_adv)‖₂ as Eq. 11 prints it; ``squared`` = its square, the
@@ -72,19 +76,28 @@ class ClassifierGuidance:
 
     def __init__(
         self, classifier: nn.Module, x_ref: Tensor, scale: float, phi: float, create_graph_ref: bool, distance: str = "norm",
+        softplus_beta: float | None = None,
     ) -> None:
         self.classifier = classifier
+        self.softplus_beta = softplus_beta
         self.distance_kind = checked_distance(distance)
         self.scale = float(scale)
         self.phi = float(phi)
         # The reference f(x_adv) stays in the attack's graph when the attack differentiates through the defense.
         with torch.set_grad_enabled(create_graph_ref):
             self.x_ref = x_ref if create_graph_ref else x_ref.detach()
-            self.f_ref = classifier(self.x_ref)
+            self.f_ref = self.f(self.x_ref)
+
+    def f(self, image: Tensor) -> Tensor:
+        """The classifier's logits; with ``softplus_beta`` set, its ReLUs are softplus (the smooth surrogate)."""
+        if self.softplus_beta is None:
+            return self.classifier(image)
+        with softplus_relus(self.softplus_beta):
+            return self.classifier(image)
 
     def distance(self, pred_x0: Tensor) -> Tensor:
         image = to_image_space(pred_x0)
-        diff = (self.classifier(image) - self.f_ref).flatten(1)
+        diff = (self.f(image) - self.f_ref).flatten(1)
         d = diff.norm(dim=1) if self.distance_kind == "norm" else diff.pow(2).sum(1)
         if self.phi:
             d = d + self.phi * (1.0 - ssim_per_image(image, self.x_ref.to(image.dtype)))
@@ -104,6 +117,7 @@ class DistributionTransfer(DiffPure):
         variant: ``"paper"`` (guided multi-step) or ``"authors_code"`` (one-shot x̂_0, no guidance).
         scale: s of Eq. 10 (0 disables the guidance); phi: φ of Eq. 11.
         distance: ``"norm"`` (Eq. 11 as printed) or ``"squared"`` (the authors' code), see ``DISTANCES``.
+        surrogate_beta: β of the softplus that replaces f's ReLUs inside the guidance of ``smooth_surrogate()``.
         t_star: forward steps on the denoiser's schedule; ``None`` → the step matching ``match_t``.
         match_t: ``{t, num_steps, kind}`` — the reference noise level (the authors' t = 470 of 4000 cosine).
     """
@@ -118,6 +132,7 @@ class DistributionTransfer(DiffPure):
         scale: float = 1.0,
         phi: float = 1.0,
         distance: str = "norm",
+        surrogate_beta: float = 10.0,
         t_star: int | None = None,
         match_t: Mapping[str, Any] | None = None,
         **kwargs,
@@ -134,6 +149,11 @@ class DistributionTransfer(DiffPure):
         self.scale = float(scale) if variant == "paper" else 0.0
         self.phi = float(phi)
         self.distance = checked_distance(distance)
+        if not surrogate_beta > 0:
+            raise ValueError(f"surrogate_beta (the softplus β of the smooth surrogate) must be > 0, got {surrogate_beta}")
+        self.surrogate_beta = float(surrogate_beta)
+        #: None: the real guidance; a β: this is the smooth surrogate (``smooth_surrogate``).
+        self.guidance_softplus_beta: float | None = None
         if self.scale and classifier is None:
             raise ValueError("distribution transfer's guidance needs the protected model: set classifier (e.g. ${victim})")
         if self.scale and self.sampler == "one_shot":
@@ -155,7 +175,15 @@ class DistributionTransfer(DiffPure):
         if not self.scale:
             return None
         return ClassifierGuidance(self.classifier, x, self.scale, self.phi,
-                                  create_graph_ref=torch.is_grad_enabled() and x.requires_grad, distance=self.distance)
+                                  create_graph_ref=torch.is_grad_enabled() and x.requires_grad, distance=self.distance,
+                                  softplus_beta=self.guidance_softplus_beta)
+
+    def smooth_surrogate(self) -> "DistributionTransfer | None":
+        """The same chain with the guidance classifier's ReLUs as softplus(``surrogate_beta``·)/β (None when unguided:
+        the unguided chain is smooth already). Shares the denoiser and classifier; same noise under the same seed."""
+        if not self.scale or self.guidance_softplus_beta is not None:
+            return None
+        return self.variant_copy(guidance_softplus_beta=self.surrogate_beta)
 
 
 def matched_t_star(schedule: DiffusionSchedule, match_t: Mapping[str, Any]) -> int:

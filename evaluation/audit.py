@@ -16,7 +16,10 @@ a defense that fails one has an evaluation that cannot be trusted until the fail
 (g) a purifier declared deterministic gives the same output twice;
 (h) every warning of pyautoattack's own checks fails, unless a written exception covers it;
 (i) a purifier that can be weakened (``weakened()``: its strength at 0, t* = 0 for a diffusion purifier) then
-    scores as the undefended victim under the same attack, and never above the full defense.
+    scores as the undefended victim under the same attack, and never above the full defense;
+(j) with ``gradient=surrogate`` (forward the purifier, backward its ``smooth_surrogate()``): the surrogate classifies
+    as the real purifier does under the same draws (clean and adversarial images), check (d) compares the gradient
+    with the surrogate's own function, and (c) adds the exact-gradient attack to the comparisons.
 
 Every tolerance is a binomial confidence interval for the number of images used, at ``confidence``
 (default 95 %), never below one image (0.8 points at 128 images): comparisons of two attacks on the
@@ -43,7 +46,7 @@ from attacks.square import Square
 from attacks.wrappers import BPDA, EOT
 from defenses.base import Defended, Identity, Purifier
 from evaluation.loop import constraint_violations, predict_draws
-from evaluation.threats import Oblivious, Query, ThreatModel, Transfer, WhiteBoxAdaptive
+from evaluation.threats import Oblivious, Query, ThreatModel, Transfer, WhiteBoxAdaptive, smooth_surrogate
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
 log = logging.getLogger(__name__)
@@ -231,7 +234,7 @@ def run_audit(
     base = sweep[min(eps, big)]
     more = {"2x_steps": run(pgd(eps, 2 * steps, norm))}
     if defended.stochastic:
-        more["2x_eot"] = run(pgd(eps, steps, norm), WhiteBoxAdaptive(2 * threat.eot_samples, threat.bpda))
+        more["2x_eot"] = run(pgd(eps, steps, norm), threat.with_eot(2 * threat.eot_samples))
     checks.append(_convergence_check("b_pgd_converged", "PGD", base, more, tol, two_sided=True))
     configured = None
     if attack is not None and attack.kind in ("gradient", "query") and attack.bounded:
@@ -251,6 +254,10 @@ def run_audit(
         ("no defense: the oblivious attack is the full-gradient attack" if no_defense else (pgd(eps, steps, norm), Oblivious())),
         "square": (square(eps, square_queries, norm), Query()),
     }
+    via_surrogate = threat.gradient == "surrogate"
+    if via_surrogate:
+        alternatives["exact_gradient"] = (pgd(eps, steps, norm), WhiteBoxAdaptive(threat.eot_samples, threat.bpda, both_paths=False))
+    attack_label = "surrogate-gradient PGD" if via_surrogate else "full-gradient PGD"
     for label, spec in alternatives.items():
         if isinstance(spec, str):
             checks.append(Check(f"c_full_gradient_beats_{label}", NA, f"not applicable: {spec}"))
@@ -259,7 +266,7 @@ def run_audit(
         t = tol(base, other)
         checks.append(_check(
             f"c_full_gradient_beats_{label}", other.acc >= base.acc - t,
-            f"full-gradient PGD {base.acc:.1f}% vs {label} {other.acc:.1f}%"
+            f"{attack_label} {base.acc:.1f}% vs {label} {other.acc:.1f}%"
             + ("" if other.acc >= base.acc - t else " → the weaker-information attack wins: gradient masking"),
             {"full_gradient": base.acc, label: other.acc, "tol": t},
         ))
@@ -267,6 +274,10 @@ def run_audit(
     # (d) gradients: finite, non-zero, exact where claimed, informative per draw.
     collector = _WarningCollector()
     checks.extend(_gradient_checks(defended, threat, x, y, seed, fd_step, fd_tol, collector))
+
+    # (j) the smooth surrogate classifies as the purifier does, so its gradient is about the defense under attack.
+    if via_surrogate:
+        checks.append(_surrogate_fidelity_check(defended, x, base.x_adv, y, seed, confidence))
 
     # (e) frozen randomness is no stronger than EOT.
     if defended.stochastic:
@@ -333,7 +344,7 @@ def _budget_check(attack: Attack, own: "Run", threat: WhiteBoxAdaptive, defended
             if more_eot is not None:
                 more["2x_eot"] = run(more_eot)
         elif attack.kind == "gradient":
-            more["2x_eot"] = run(attack, WhiteBoxAdaptive(2 * threat.eot_samples, threat.bpda))
+            more["2x_eot"] = run(attack, threat.with_eot(2 * threat.eot_samples))
     if not more:
         return Check("b_configured_attack_converged", NA, f"not applicable: {attack.name} has no budget argument to double")
     return _convergence_check("b_configured_attack_converged", attack.name, own, more, tol, two_sided=False)
@@ -382,7 +393,7 @@ def _gradient_checks(
     defended: Defended, threat: WhiteBoxAdaptive, x: torch.Tensor, y: torch.Tensor, seed: int,
     fd_step: float, fd_tol: float, collector: _WarningCollector,
 ) -> list[Check]:
-    single = WhiteBoxAdaptive(1, threat.bpda)  # one draw per gradient: what EOT averages
+    single = threat.with_eot(1)  # one draw per gradient: what EOT averages
     probe = pgd(1.0, 1)
     attacked = single.attacked_model(defended, probe)
     out: list[Check] = []
@@ -401,7 +412,10 @@ def _gradient_checks(
     else:
         # float64: a defense whose output barely moves with x (directional derivatives ~1e-5) would otherwise
         # fail on fp32 rounding alone; a rough function (shattered gradients) stays rough in float64.
-        exact = copy.deepcopy(attacked).double()
+        # Along a smooth surrogate the gradient is the surrogate's: it is checked against the surrogate's function.
+        via_surrogate = threat.gradient == "surrogate"
+        described = Defended(smooth_surrogate(defended.purifier), defended.victim, defended.input_shape) if via_surrogate else attacked
+        exact = copy.deepcopy(described).double()
         # A majority vote (DensePure) is piecewise constant, and its declared gradient is that of the soft vote
         # (straight-through): finite differences check that gradient against the soft vote, through the very same
         # purifier passes, so a faked purifier gradient still fails here.
@@ -410,12 +424,17 @@ def _gradient_checks(
             m.soft_vote = True
         frozen = FrozenRandomness(exact, seed).eval() if defended.stochastic else exact.eval()
         rel, values = _finite_difference(frozen, x.double(), y, fd_step, seed)
-        values["against"] = "soft vote (log mean softmax of the passes)" if voting else "the defended classifier"
+        values["against"] = ("soft vote (log mean softmax of the passes)" if voting else
+                             "the smooth surrogate" if via_surrogate else "the defended classifier")
+        hint = ""
+        if rel > fd_tol and not via_surrogate and smooth_surrogate(defended.purifier) is not None:
+            hint = "; the purifier offers a smooth surrogate: audit threat.model.gradient=surrogate"
         out.append(_check(
             "d_gradient_matches_finite_differences", rel <= fd_tol,
             f"median relative error of the directional derivative {rel:.3g} (≤ {fd_tol:g})"
             + (", against the soft vote whose gradient the straight-through vote returns" if voting else "")
-            + ("" if rel <= fd_tol else ": the gradient does not describe the function (shattered or faked gradients)"),
+            + (", against the smooth surrogate whose gradient the attack follows" if via_surrogate else "")
+            + ("" if rel <= fd_tol else ": the gradient does not describe the function (shattered or faked gradients)" + hint),
             values,
         ))
 
@@ -448,6 +467,30 @@ def _finite_difference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: fl
     scale = torch.maximum(fd.abs(), analytic.abs()).clamp_min(1e-6)
     rel = ((fd - analytic).abs() / scale).median().item()
     return rel, {"median_relative_error": rel, "fd_step": h, "median_abs_directional_derivative": fd.abs().median().item()}
+
+
+def _surrogate_fidelity_check(
+    defended: Defended, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, seed: int, confidence: float,
+) -> Check:
+    """(j) The surrogate's labels equal the purifier's, draw for draw, on the clean and the attack's images: its
+    disagreement rate must be consistent with 0 (the rule-of-three bound on 2n images). A surrogate that computes
+    some other function hands the attack a gradient of that function — a planted masking path."""
+    surrogate = Defended(smooth_surrogate(defended.purifier), defended.victim, defended.input_shape).eval()
+    images = torch.cat([x, x_adv])
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed + 303)
+        real = defended(images).argmax(1)
+        torch.manual_seed(seed + 303)
+        smooth = surrogate(images).argmax(1)
+    n = len(images)
+    rate = 100.0 * float((real != smooth).float().mean())
+    bound = zero_rate_bound(n, confidence)
+    return _check(
+        "j_surrogate_matches_defense", rate <= bound,
+        f"the smooth surrogate's label differs from the purifier's on {rate:.1f}% of {n} clean and adversarial images "
+        f"(must be ≤ {bound:.1f}%)" + ("" if rate <= bound else ": its gradient belongs to another function"),
+        {"disagreement": rate, "bound": bound, "n": n, "labels_true": float((real == torch.cat([y, y])).float().mean())},
+    )
 
 
 def _determinism_check(defended: Defended, x: torch.Tensor, seed: int) -> Check:
@@ -509,7 +552,7 @@ class _BPDAEverywhere(WhiteBoxAdaptive):
 
 class _Frozen(WhiteBoxAdaptive):
     def __init__(self, base: WhiteBoxAdaptive, seed: int) -> None:
-        super().__init__(1, base.bpda)
+        super().__init__(1, base.bpda, base.both_paths, base.gradient)
         self.seed = seed
 
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:

@@ -525,7 +525,7 @@ def run_audit_from_config(cfg, defended, datamodule, attack, threat, device, out
     surrogate = getattr(threat, "surrogate", None)
     report = run_audit(
         defended, x, y, eps=eps, norm=norm, steps=s.steps, eot_samples=s.eot_samples, n_draws=cfg.eval.n_draws,
-        surrogate=surrogate, threat=WhiteBoxAdaptive(s.eot_samples, bpda=s.bpda),
+        surrogate=surrogate, threat=WhiteBoxAdaptive(s.eot_samples, bpda=s.bpda, gradient=s.gradient),
         attack=attack if attack.bounded else None, square_queries=s.square_queries, confidence=s.confidence, seed=cfg.seed,
     )
     report.update(run_label(cfg))

@@ -48,13 +48,16 @@ class WhiteBoxAdaptive(ThreatModel):
         both_paths: for purifiers that declare ``also_bpda`` (an exact gradient through a long chain,
             e.g. DiffDefense's unrolled search), attack along the exact gradient *and* identity BPDA and
             keep, per image, the candidate with the lower accuracy over draws (``evaluation.loop``).
-        gradient: ``exact`` (the default: the purifier's own gradient wherever it has one) or ``bpda`` (every
-            purifier behind BPDA, its ``bpda_approximation`` or the identity, even a differentiable one). ``bpda``
-            is a *comparison* (JATP's Fig. 4a: BPDA+PGD vs PGD per pre-processor), never the sound default.
+        gradient: ``exact`` (the default: the purifier's own gradient wherever it has one), ``surrogate`` (forward
+            the purifier, backward its ``smooth_surrogate()``: for purifiers whose exact gradient is shattered) or
+            ``bpda`` (every purifier behind BPDA, its ``bpda_approximation`` or the identity, even a differentiable
+            one). ``bpda`` is a *comparison* (JATP's Fig. 4a: BPDA+PGD vs PGD per pre-processor), never the sound
+            default. With ``exact`` and ``both_paths``, a purifier that offers a smooth surrogate is attacked along
+            it too, each image's worse candidate kept.
     """
 
     name = "white_box_adaptive"
-    GRADIENTS = ("exact", "bpda")
+    GRADIENTS = ("exact", "surrogate", "bpda")
 
     def __init__(self, eot_samples: int = 10, bpda: bool = True, both_paths: bool = True, gradient: str = "exact") -> None:
         if gradient not in self.GRADIENTS:
@@ -64,16 +67,27 @@ class WhiteBoxAdaptive(ThreatModel):
         self.both_paths = both_paths
         self.gradient = gradient
 
+    def with_eot(self, eot_samples: int) -> "WhiteBoxAdaptive":
+        """The same threat model with another number of EOT samples (the audit's 2× and 1-draw variants)."""
+        return WhiteBoxAdaptive(eot_samples, self.bpda, self.both_paths, self.gradient)
+
     def attacked_model(self, defended: Defended, attack: Attack) -> nn.Module:
         if self.gradient == "bpda" or (self.bpda and not defended.differentiable):
             return self._with_eot(bpda_defended(defended), defended, attack)
+        if self.gradient == "surrogate":
+            return self._with_eot(surrogate_defended(defended), defended, attack)
         return self._with_eot(defended, defended, attack)
 
     def attacked_models(self, defended: Defended, attack: Attack) -> list[nn.Module]:
-        """The exact-gradient model, and the identity-BPDA one where the purifier asks for both (``also_bpda``)."""
+        """The exact-gradient model; with ``both_paths``, also the identity-BPDA one where the purifier asks for it
+        (``also_bpda``) and the smooth-surrogate one where it offers a surrogate (``smooth_surrogate``)."""
         models = [self.attacked_model(defended, attack)]
-        if self.gradient == "exact" and self.both_paths and defended.differentiable and getattr(defended.purifier, "also_bpda", False) and attack.kind != "query":
+        if self.gradient != "exact" or not self.both_paths or not defended.differentiable or attack.kind == "query":
+            return models
+        if getattr(defended.purifier, "also_bpda", False):
             models.append(self._with_eot(bpda_defended(defended), defended, attack))
+        if smooth_surrogate(defended.purifier) is not None:
+            models.append(self._with_eot(surrogate_defended(defended), defended, attack))
         return models
 
     def _with_eot(self, model: nn.Module, defended: Defended, attack: Attack) -> nn.Module:
@@ -86,6 +100,23 @@ def bpda_defended(defended: Defended) -> Defended:
     """``defended`` with its purifier behind BPDA (the purifier's own ``bpda_approximation``, identity by default)."""
     approx = getattr(defended.purifier, "bpda_approximation", None)
     return Defended(BPDA(defended.purifier, approx), defended.victim, defended.input_shape)
+
+
+def smooth_surrogate(purifier: nn.Module) -> nn.Module | None:
+    """``purifier.smooth_surrogate()``, or None for purifiers without one (any ``nn.Module`` may be a purifier)."""
+    offer = getattr(purifier, "smooth_surrogate", None)
+    return offer() if callable(offer) else None
+
+
+def surrogate_defended(defended: Defended) -> Defended:
+    """``defended`` forwarding its purifier and backpropagating through the purifier's smooth surrogate."""
+    surrogate = smooth_surrogate(defended.purifier)
+    if surrogate is None:
+        raise ValueError(
+            f"threat.model.gradient=surrogate: the purifier {type(defended.purifier).__name__} offers no smooth surrogate "
+            "(only a guided distribution transfer does here); use gradient=exact or gradient=bpda"
+        )
+    return Defended(BPDA(defended.purifier, surrogate), defended.victim, defended.input_shape)
 
 
 class Oblivious(ThreatModel):

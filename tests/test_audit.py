@@ -179,3 +179,57 @@ def test_finite_differences_check_a_vote_against_the_soft_vote(trained_victim, x
     fd = next(c for c in checks if c.name == "d_gradient_matches_finite_differences")
     assert (fd.status == "pass") is ok, fd.detail
     assert "soft vote" in fd.detail and fd.values["against"].startswith("soft vote")
+
+
+class _Grey(Purifier):
+    """A lying surrogate: a constant grey image (zero gradient, one label for everything)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, 0.5) + 0 * x
+
+
+class _FakeGradient(Purifier):
+    """A lying surrogate: the real shattered values, the identity's gradient (value and gradient disagree)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (Shattered()(x) - x).detach()
+
+
+class ShatteredWithSurrogate(Shattered):
+    """The guided-chain situation in miniature: a rough purifier that offers a smooth surrogate."""
+
+    def __init__(self, surrogate: Purifier) -> None:
+        super().__init__()
+        self.surrogate = surrogate
+
+    def smooth_surrogate(self) -> Purifier:
+        return self.surrogate
+
+
+def test_audit_along_an_honest_smooth_surrogate_passes(trained_victim, xy):
+    defended = Defended(ShatteredWithSurrogate(Identity()), trained_victim)  # the identity it wiggles around
+    exact = _status(run_audit(defended, *xy, **FAST))
+    assert exact["d_gradient_matches_finite_differences"] == "fail"  # the rough function's own gradient
+    report = run_audit(defended, *xy, **FAST, threat=WhiteBoxAdaptive(gradient="surrogate"))
+    status = _status(report)
+    assert report["passed"], format_report(report)
+    assert status["d_gradient_matches_finite_differences"] == "pass"
+    assert status["j_surrogate_matches_defense"] == "pass"
+    assert status["c_full_gradient_beats_exact_gradient"] == "pass"
+    assert "surrogate-gradient PGD" in format_report(report)
+
+
+def test_audit_fails_a_surrogate_of_another_function(trained_victim, xy):
+    report = run_audit(Defended(ShatteredWithSurrogate(_Grey()), trained_victim), *xy, **FAST,
+                       threat=WhiteBoxAdaptive(gradient="surrogate"))
+    status = _status(report)
+    assert not report["passed"] and status["j_surrogate_matches_defense"] == "fail"
+
+
+def test_finite_differences_fail_a_surrogate_whose_gradient_is_faked(trained_victim, xy):
+    from evaluation.audit import _gradient_checks, _WarningCollector
+
+    defended = Defended(ShatteredWithSurrogate(_FakeGradient()), trained_victim)
+    checks = _gradient_checks(defended, WhiteBoxAdaptive(gradient="surrogate"), *xy, 0, 1e-2, 0.1, _WarningCollector())
+    fd = next(c for c in checks if c.name == "d_gradient_matches_finite_differences")
+    assert fd.status == "fail" and fd.values["against"] == "the smooth surrogate", fd.detail

@@ -343,3 +343,62 @@ def test_runner_attacks_each_diffusion_defense_adaptively(compose, defense):
     assert -1.0 <= on_disk["purified_ssim"] < 1.0 and on_disk["purified_psnr"] > 0  # an untrained denoiser changes the image
     assert result["purifier"]["stochastic"] and result["purifier"]["t_star"] == {
         "diffpure": 100, "densepure": 145, "disttrans": 58, "disttrans_authors": 58}[defense]
+
+
+class ReluClassifier(nn.Module):
+    """A classifier with ReLUs in every spelling a victim's forward may use (module, functional, method)."""
+
+    def __init__(self, shape=(3, 8, 8), classes: int = 4) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(math.prod(shape), 16), nn.Linear(16, classes)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x.flatten(1)))
+        return self.b(nn.functional.relu(h) + torch.relu(h).relu())
+
+
+def test_softplus_relus_replaces_every_relu_spelling_inside_the_context_only():
+    from models.smooth_relu import softplus_relus
+
+    torch.manual_seed(0)
+    clf, x = ReluClassifier(), torch.randn(5, 3, 8, 8)
+    plain = clf(x)
+    with softplus_relus(4.0):
+        smooth = clf(x)
+    h = nn.functional.softplus(clf.a(x.flatten(1)), beta=4.0)
+    sp = lambda t: nn.functional.softplus(t, beta=4.0)  # noqa: E731
+    assert torch.allclose(smooth, clf.b(sp(h) + sp(sp(h))), atol=1e-6)
+    assert torch.equal(clf(x), plain)  # outside the context: ReLU again
+    with pytest.raises(ValueError, match="> 0"):
+        softplus_relus(0.0)
+
+
+def test_the_guided_chain_offers_a_smooth_surrogate_that_tracks_it():
+    """Guided: a surrogate with softplus in the guidance classifier only, the same draws under the same seed, close
+    to the real chain, its gradient matching its own finite differences. Unguided (s = 0, or the one-shot variant):
+    none, the chain is smooth already."""
+    s = DiffusionSchedule(1000, 1e-4, 0.02)
+    eps, clf = TinyEps().double(), ReluClassifier().double()
+    dt = DistributionTransfer(eps, s, classifier=clf, t_star=4, scale=5.0, phi=0.5, surrogate_beta=20.0)
+    assert DistributionTransfer(eps, s, classifier=clf, t_star=4, scale=0.0).smooth_surrogate() is None
+    assert DistributionTransfer(eps, s, classifier=clf, t_star=4, variant="authors_code").smooth_surrogate() is None
+    sur = dt.smooth_surrogate()
+    assert sur.guidance_softplus_beta == 20.0 and dt.guidance_softplus_beta is None and sur.smooth_surrogate() is None
+    assert sur.denoiser is dt.denoiser and sur.classifier is dt.classifier
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 0.8 + 0.1
+
+    def run(purifier, z):
+        torch.manual_seed(7)
+        return purifier(z)
+
+    real, smooth = run(dt, x), run(sur, x)
+    assert 0 < (real - smooth).abs().max() < 0.05
+    with pytest.raises(ValueError, match="surrogate_beta"):
+        DistributionTransfer(eps, s, classifier=clf, t_star=4, scale=5.0, surrogate_beta=0.0)
+    direction = torch.randn_like(x)
+    xa = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(run(sur, xa).sum(), xa)
+    h = 1e-5
+    fd = (run(sur, x + h * direction).sum() - run(sur, x - h * direction).sum()) / (2 * h)
+    assert float((g * direction).sum()) == pytest.approx(float(fd), rel=1e-4, abs=1e-8)

@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 import torchattacks
+from torch import nn
 
 from attacks.base import Attack
 from defenses.base import Defended, Identity, Purifier
@@ -320,3 +321,26 @@ class ShatteredButHonestBPDA(ShatteredButHonest):
 
     differentiable = False
     also_bpda = False
+
+
+class ShatteredWithSurrogate(ShatteredButHonest):
+    """A rough purifier that offers a smooth surrogate (the identity it wiggles around), like a guided chain."""
+
+    also_bpda = False
+
+    def smooth_surrogate(self) -> nn.Module:
+        return Identity()
+
+
+def test_purifiers_offering_a_smooth_surrogate_are_attacked_along_it_too(trained_victim, batches):
+    defended = Defended(ShatteredWithSurrogate(), trained_victim)
+    models = WhiteBoxAdaptive(eot_samples=2).attacked_models(defended, pgd(0.2))
+    assert len(models) == 2 and isinstance(models[1].purifier.approximation, Identity)
+    only = WhiteBoxAdaptive(gradient="surrogate").attacked_models(defended, pgd(0.2))
+    assert len(only) == 1 and type(only[0].purifier).__name__ == "BPDA"
+    with pytest.raises(ValueError, match="offers no smooth surrogate"):
+        WhiteBoxAdaptive(gradient="surrogate").attacked_model(Defended(GaussianNoise(0.1), trained_victim), pgd(0.2))
+    small = batches[:2]
+    exact_only = evaluate(defended, small, pgd(0.2), WhiteBoxAdaptive(both_paths=False), progress=False)["robust_acc"]
+    both = evaluate(defended, small, pgd(0.2), WhiteBoxAdaptive(), progress=False)["robust_acc"]
+    assert both < exact_only - 10  # the surrogate path finds what the shattered exact gradient cannot

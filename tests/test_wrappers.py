@@ -153,3 +153,21 @@ def test_batched_eot_pgd_step_follows_the_eot_gradient(data):
         [_input_grad(lambda z, n=n: F.cross_entropy(model.f(z, n), y, reduction="sum"), x) for n in noise]
     ).mean(0)
     assert torch.allclose(x_adv, (x + 0.01 * grad.sign()).clamp(0, 1), atol=1e-7)
+
+
+def test_a_stochastic_bpda_approximation_sees_the_same_draw_as_the_module():
+    """Forward the module, backward the approximation: both under the same random draw, so the gradient is that
+    of the very output the attack sees (here the approximation *is* the module: the gradient is then exact)."""
+    class Jitter(torch.nn.Module):
+        def forward(self, x):
+            return x * (1.0 + torch.randn_like(x))
+
+    module = Jitter()
+    x = torch.rand(3, 5, requires_grad=True)
+    torch.manual_seed(4)
+    out = BPDA(module, module)(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.manual_seed(4)
+    expected = x.detach() * (1.0 + torch.randn_like(x))
+    assert torch.allclose(out, expected)
+    assert torch.allclose(grad, expected / x.detach())  # d/dx of x·(1 + n) for the same n
