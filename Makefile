@@ -280,7 +280,8 @@ disttrans-cpu: install
 	@# The paper's guidance switched on (s = 10, not the validation choice), as its own row.
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_N) $(DT_CHAIN) $(DT_QUALITY) defense=disttrans defense.purifier.scale=10.0 \
 	  attack=none,pgd,pgd40_l2 'table.row=$${victim.name} disttrans_s10 $${victim_training}' hydra.sweep.dir=$(DT_RUN)/table1/guided_s10
-	@# Table 1, adaptive (Table 2's protocol): PGD along the exact gradient of every chain, loss-EOT 2.
+	@# Table 1, adaptive (Table 2's protocol): PGD along the exact gradient of every chain, loss-EOT 2; the guided chain
+	@# (s = 10) along its smooth surrogate too, each image's worse candidate kept (threat.model.both_paths).
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) defense=none,disttrans_authors hydra.sweep.dir=$(DT_RUN)/adaptive/none_authors
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) $(DT_CHAIN) defense=diffpure,disttrans hydra.sweep.dir=$(DT_RUN)/adaptive/chains
 	$(PY) evaluate.py -m experiment=disttrans_table1 $(DT_ADAPT) $(DT_CHAIN) defense=disttrans defense.purifier.scale=10.0 \

@@ -407,7 +407,7 @@ def _gradient_checks(
     ))
 
     # Exactness: where the gradient claims to be exact (no BPDA on the backward), it must match finite differences.
-    if not defended.differentiable and threat.bpda:
+    if threat.gradient == "bpda" or (not defended.differentiable and threat.bpda):
         out.append(Check("d_gradient_matches_finite_differences", NA, "not applicable: BPDA's backward is an approximation by design"))
     else:
         # float64: a defense whose output barely moves with x (directional derivatives ~1e-5) would otherwise

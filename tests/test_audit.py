@@ -233,3 +233,12 @@ def test_finite_differences_fail_a_surrogate_whose_gradient_is_faked(trained_vic
     checks = _gradient_checks(defended, WhiteBoxAdaptive(gradient="surrogate"), *xy, 0, 1e-2, 0.1, _WarningCollector())
     fd = next(c for c in checks if c.name == "d_gradient_matches_finite_differences")
     assert fd.status == "fail" and fd.values["against"] == "the smooth surrogate", fd.detail
+
+
+def test_finite_differences_are_not_applicable_when_the_audited_path_is_bpda(trained_victim, xy):
+    """``threat.model.gradient=bpda`` audits the BPDA comparison row: its backward is an approximation by design."""
+    from evaluation.audit import _gradient_checks, _WarningCollector
+
+    checks = _gradient_checks(Defended(Shattered(), trained_victim), WhiteBoxAdaptive(gradient="bpda"), *xy, 0, 1e-2, 0.1,
+                              _WarningCollector())
+    assert next(c for c in checks if c.name == "d_gradient_matches_finite_differences").status == "n/a"
