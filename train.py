@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from evaluation.cli import UserError, guard_command_line, report_user_errors
 from evaluation.cost import CostClock, accumulate_cost, training_record_path
 from evaluation.results import write_json_atomic
-from models.weights import save_weights
+from models.weights import load_weights, save_weights
 
 
 def lightning_dir(export_path: str | Path) -> Path:
@@ -58,6 +58,14 @@ def check_ddp_launch(trainer: L.Trainer) -> None:
                         "run one `python train.py trainer=ddp …` per training instead")
 
 
+def init_from(module: L.LightningModule, path: str | Path) -> None:
+    """Start ``module``'s network (``export()``) from an exported weights file: fine-tuning, e.g. adversarial training
+    from a standard victim when the full schedule is too costly (a CPU reduction). A resumed run's ``last.ckpt``
+    still wins: it holds the fine-tuned state."""
+    load_weights(module.export(), path, missing_hint=(
+        f"init_weights={path}: no such file — train that network first (python train.py …) or set init_weights=null"))
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``cfg.model`` on ``cfg.dataset``; return (metrics, objects) like lightning-hydra-template."""
     clock = CostClock()  # the training's cost → <weights>.train.json (write_training_record)
@@ -66,6 +74,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     module = instantiate(cfg.model)
     if not module.export_path:
         raise ValueError("model.export_path is not set: nowhere to write the trained weights")
+    if cfg.get("init_weights"):
+        init_from(module, cfg.init_weights)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     ckpt_dir = lightning_dir(module.export_path)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -177,3 +178,31 @@ def test_audit_through_the_cli_passes_the_undefended_model_and_fails_naive_quant
     assert "Gradient-masking audit: FAIL" in stdout and not report["passed"] and report["defense"] == "bit_depth"
     failed = {c["name"] for c in report["checks"] if c["status"] == "fail"}
     assert "d_gradients_finite_nonzero" in failed
+
+
+def test_init_weights_starts_training_from_an_exported_network(compose, tmp_path):
+    """``init_weights=<file>``: the network starts from that state dict (lr 0 → the exported weights are the file's,
+    apart from BatchNorm's running statistics); a missing file is one line saying how to get it."""
+    from models.weights import save_weights
+
+    start = compose("train", TINY_TRAIN)
+    donor = instantiate_model(start)
+    for p in donor.export().parameters():
+        torch.nn.init.uniform_(p, -0.01, 0.01)
+    path = save_weights(donor.export(), tmp_path / "donor.pt")
+    cfg = compose("train", TINY_TRAIN + [f"init_weights={path}", "model.optimizer.lr=0.0", "trainer.limit_train_batches=1",
+                                         "test_after_training=false", "resume=false"])
+    train_script.train(cfg)
+    trained = torch.load(cfg.victim.weights, weights_only=True)
+    given = torch.load(path, weights_only=True)
+    weights = [k for k in given if k.endswith("weight")]
+    assert weights and all(torch.equal(trained[k], given[k]) for k in weights)
+    missing = compose("train", TINY_TRAIN + [f"init_weights={tmp_path / 'nope.pt'}"])
+    with pytest.raises(Exception, match="init_weights=.*no such file"):
+        train_script.train(missing)
+
+
+def instantiate_model(cfg):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.model)
