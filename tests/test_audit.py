@@ -207,9 +207,12 @@ class ShatteredWithSurrogate(Shattered):
 
 
 def test_audit_along_an_honest_smooth_surrogate_passes(trained_victim, xy):
+    from evaluation.audit import _gradient_checks, _WarningCollector
+
     defended = Defended(ShatteredWithSurrogate(Identity()), trained_victim)  # the identity it wiggles around
-    exact = _status(run_audit(defended, *xy, **FAST))
-    assert exact["d_gradient_matches_finite_differences"] == "fail"  # the rough function's own gradient
+    exact = _gradient_checks(defended, WhiteBoxAdaptive(), *xy, 0, 1e-2, 0.1, _WarningCollector())
+    fd = next(c for c in exact if c.name == "d_gradient_matches_finite_differences")
+    assert fd.status == "fail" and "gradient=surrogate" in fd.detail  # the rough function's own gradient, and the hint
     report = run_audit(defended, *xy, **FAST, threat=WhiteBoxAdaptive(gradient="surrogate"))
     status = _status(report)
     assert report["passed"], format_report(report)
@@ -219,11 +222,13 @@ def test_audit_along_an_honest_smooth_surrogate_passes(trained_victim, xy):
     assert "surrogate-gradient PGD" in format_report(report)
 
 
-def test_audit_fails_a_surrogate_of_another_function(trained_victim, xy):
-    report = run_audit(Defended(ShatteredWithSurrogate(_Grey()), trained_victim), *xy, **FAST,
-                       threat=WhiteBoxAdaptive(gradient="surrogate"))
-    status = _status(report)
-    assert not report["passed"] and status["j_surrogate_matches_defense"] == "fail"
+def test_the_fidelity_check_fails_a_surrogate_of_another_function(trained_victim, xy):
+    from evaluation.audit import _surrogate_fidelity_check
+
+    x, y = xy
+    for surrogate, ok in ((_Grey(), False), (Identity(), True)):
+        check = _surrogate_fidelity_check(Defended(ShatteredWithSurrogate(surrogate), trained_victim), x, x.flip(0), y, 0, 0.95)
+        assert (check.status == "pass") is ok, check.detail
 
 
 def test_finite_differences_fail_a_surrogate_whose_gradient_is_faked(trained_victim, xy):
