@@ -207,6 +207,8 @@ def run_audit(
 
     def run(atk: Attack, th: ThreatModel = threat, model: Defended = defended) -> Run:
         """Attack, then score every image over ``n_draws`` purifications: per-image accuracy in [0, 1]."""
+        if isinstance(th, WhiteBoxAdaptive) and th.gradient == "surrogate" and smooth_surrogate(model.purifier) is None:
+            th = WhiteBoxAdaptive(th.eot_samples, th.bpda, both_paths=False)  # weakened / bare models: nothing to smooth
         attacked = th.attacked_model(model, atk)
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(seed + 2)

@@ -205,6 +205,9 @@ class ShatteredWithSurrogate(Shattered):
     def smooth_surrogate(self) -> Purifier:
         return self.surrogate
 
+    def weakened(self) -> Purifier:
+        return Identity()  # check (i) then attacks models without a surrogate: they take the exact gradient
+
 
 def test_audit_along_an_honest_smooth_surrogate_passes(trained_victim, xy):
     from evaluation.audit import _gradient_checks, _WarningCollector
@@ -219,6 +222,7 @@ def test_audit_along_an_honest_smooth_surrogate_passes(trained_victim, xy):
     assert status["d_gradient_matches_finite_differences"] == "pass"
     assert status["j_surrogate_matches_defense"] == "pass"
     assert status["c_full_gradient_beats_exact_gradient"] == "pass"
+    assert status["i_weakened_defense_is_weaker"] == "pass"
     assert "surrogate-gradient PGD" in format_report(report)
 
 
