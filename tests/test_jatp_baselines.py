@@ -26,7 +26,7 @@ from defenses.ape_gan import APEGAN
 from defenses.base import Defended, Identity
 from defenses.hgd import HGD
 from evaluation.cli import root_cause
-from models.jatp.adversaries import AdversarySource
+from models.jatp.adversaries import AdversaryCache, AdversarySource, usable_cache
 from models.jatp.ape_gan import APEGANDiscriminator, APEGANGenerator, APEGANModule
 from models.jatp.hgd import HGDDenoiser, HGDModule, release_lr_schedule
 from models.weights import save_weights
@@ -101,6 +101,72 @@ def test_full_adversaries_go_through_the_preprocessor_and_oblivious_ones_never_d
     assert not any(p.requires_grad for p in victim.parameters()) and not victim.training
     with pytest.raises(ValueError, match="unknown adversaries 'both'; valid: oblivious, full"):
         AdversarySource("both")
+
+
+def test_adversary_cache_attacks_each_image_once_and_returns_valid_examples(fitted):
+    """The originals' fixed adversarial set: a second visit of an image gets its stored example back (no attack),
+    new images are attacked, the examples stay in the ε-box and in [0, 1], and the store stops at its limit."""
+    victim, x, y = fitted
+    source = AdversarySource("oblivious", eps=0.1, steps=2, alpha=0.05)
+    calls: list[int] = []
+
+    def make(xb, yb):
+        def craft(index):
+            calls.append(len(index))
+            return source(nn.Identity(), victim, xb[index], yb[index])
+        return craft
+
+    cache = AdversaryCache(eps=0.1, limit=24)
+    first = cache(x[:16], make(x[:16], y[:16]))
+    assert calls == [16] and len(cache) == 16 and cache.last_reused == 0.0
+    # Images 8–15 again, with 8 new ones (16–23), shuffled: only the new ones are attacked.
+    order = torch.tensor([16, 9, 17, 8, 18, 19, 10, 11, 20, 12, 21, 13, 22, 14, 23, 15])
+    second = cache(x[order], make(x[order], y[order]))
+    assert calls == [16, 8] and cache.last_reused == 0.5 and len(cache) == 24
+    seen = order < 16
+    assert float((second[seen] - first[order[seen]]).abs().max()) < 1e-4  # float16 δ: the same example
+    # A fresh PGD from a new random start would differ: reuse is what makes them equal.
+    refreshed = source(nn.Identity(), victim, x[:16], y[:16])
+    assert float((refreshed - first).abs().max()) > 0.01
+    for adv, clean in ((first, x[:16]), (second, x[order])):
+        assert float((adv - clean).abs().max()) <= 0.1 + 1e-6 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+    # Full store: new images are still attacked, never stored.
+    cache(x[24:28], make(x[24:28], y[24:28]))
+    assert calls[-1] == 4 and len(cache) == 24
+    cache(x[24:28], make(x[24:28], y[24:28]))
+    assert calls[-1] == 4 and cache.last_reused == 0.0
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        AdversaryCache(eps=0.0)
+    # A random augmentation makes every view a new image: the modules drop the cache at fit start, saying why.
+    augmented, plain = (type("T", (), {"datamodule": type("D", (), {"augment": a})()})() for a in (True, False))
+    assert usable_cache(cache, plain) is cache
+    with pytest.warns(UserWarning, match="augment=true"):
+        assert usable_cache(cache, augmented) is None
+
+
+@pytest.mark.parametrize("kind", ["ape_gan", "hgd"])
+def test_reused_adversaries_only_in_training_and_only_when_oblivious(fitted, kind):
+    victim, x, y = fitted
+    xb, yb = x[:8], y[:8]
+    attack = {"eps": 0.1, "steps": 2, "alpha": 0.05}
+
+    def module(adversaries: str, reuse: bool):
+        if kind == "ape_gan":
+            return APEGANModule(tiny_generator(), APEGANDiscriminator(1, 28, 8), victim, adam(1e-3), adam(1e-3),
+                                adversaries=adversaries, attack=attack, reuse_adversaries=reuse)
+        return HGDModule(tiny_denoiser(), victim, adam(1e-3), adversaries=adversaries, attack=attack,
+                         reuse_adversaries=reuse)
+
+    reusing = module("oblivious", True).train()
+    a, b = reusing.make_adversaries(xb, yb), reusing.make_adversaries(xb, yb)
+    assert float((a - b).abs().max()) < 1e-4 and reusing.adversary_cache.last_reused == 1.0
+    reusing.eval()  # validation crafts afresh (a new random start)
+    assert float((reusing.make_adversaries(xb, yb) - a).abs().max()) > 0.01
+    fresh = module("oblivious", False).train()
+    assert fresh.adversary_cache is None
+    assert float((fresh.make_adversaries(xb, yb) - fresh.make_adversaries(xb, yb)).abs().max()) > 0.01
+    # Full adversaries follow P's weights: never reused, whatever the flag says.
+    assert module("full", True).adversary_cache is None
 
 
 # -- APE-GAN -------------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_threat_gradient_bpda_replaces_a_differentiable_purifiers_gradient():
     w = victim[1].weight[0].view(1, 1, 2, 2)
     assert torch.allclose(grads["exact"], 2 * x.detach() * w, atol=1e-6)
     assert torch.allclose(grads["bpda"], w.expand_as(x), atol=1e-6)  # the identity in place of d(x²)/dx
-    with pytest.raises(ValueError, match="valid: exact, bpda"):
+    with pytest.raises(ValueError, match="valid: exact, surrogate, bpda"):
         WhiteBoxAdaptive(gradient="straight_through")
 
 

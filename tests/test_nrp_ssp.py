@@ -182,18 +182,22 @@ def test_configs_compose_with_nrps_settings(compose, missing_weights_message):
 
 
 def test_train_py_fits_exports_and_the_defense_loads_it(compose):
-    """train.py end to end on one batch (random VGG, tiny generator): the export lands where defense=nrp looks."""
+    """train.py end to end on one batch, twice (random VGG, tiny generator, reused SSP examples): the export lands where
+    defense=nrp looks."""
     from train import train
 
     cfg = compose("train", ["model=nrp", "model.feature_net=vgg16_random", "model.feature_layers=4", "logger=csv",
                             "model.preprocessor.nf=8", "model.preprocessor.nb=1", "model.preprocessor.gc=4",
-                            "model.discriminator.width=8", "model.attack.steps=1", "trainer.max_epochs=1",
+                            "model.discriminator.width=8", "model.attack.steps=1", "trainer.max_epochs=2",
                             "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-                            "dataset.datamodule.train_subset=16", "dataset.datamodule.batch_size=8",
-                            "dataset.datamodule.eval_batch_size=8", "test_after_training=false"])
+                            "dataset.datamodule.train_subset=16", "dataset.datamodule.batch_size=16",
+                            "dataset.datamodule.eval_batch_size=8", "test_after_training=false",
+                            "model.reuse_adversaries=true"])
     metrics, objects = train(cfg)
     assert {"train/feat", "train/pix", "train/adv", "train/d_loss", "val/loss", "val/feat_adv"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
+    # Epoch 2 visits the same 16 images: every SSP example is the stored one (model.reuse_adversaries=true).
+    assert metrics["train/adv_reused"] == 1.0 and len(objects["module"].adversary_cache) == 16
     ev = compose("evaluate", ["defense=nrp", "defense.purifier.feature_net=vgg16_random", "dataset=fashion_mnist_rgb32",
                               "victim=resnet18", "defense.purifier.net.nf=8", "defense.purifier.net.nb=1",
                               "defense.purifier.net.gc=4"])

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.jatp.adversaries import AdversarySource, check_adversaries
+from models.jatp.adversaries import AdversarySource, adversary_cache, cached_adversaries, check_adversaries, usable_cache
 from models.lit_base import LitBase, OptimizerFactory
 
 OUTPUTS = ("tanh", "sigmoid")
@@ -175,6 +175,8 @@ class APEGANModule(LitBase):
         attack: keyword arguments of ``AdversarySource`` (eps, steps, alpha, random_start).
         adv_weight / rmse_weight: the weights of G's adversarial and RMSE terms.
         generator_steps: G updates per D update.
+        reuse_adversaries: attack each training image once and reuse its example (``oblivious`` only, ``full`` is always fresh; the release's
+            fixed adversarial set, ``models.jatp.adversaries.AdversaryCache``); ``False`` crafts one per visit.
         export_path: where ``train.py`` writes G.
     """
 
@@ -190,6 +192,7 @@ class APEGANModule(LitBase):
         adv_weight: float = 0.02,
         rmse_weight: float = 0.9,
         generator_steps: int = 2,
+        reuse_adversaries: bool = False,
         export_path: str | None = None,
     ) -> None:
         super().__init__(generator_optimizer, None, export_path)
@@ -205,6 +208,7 @@ class APEGANModule(LitBase):
         self.victim = victim.eval().requires_grad_(False)
         self.source = AdversarySource(adversaries, **dict(attack or {}))
         self.adversaries = adversaries
+        self.adversary_cache = adversary_cache(reuse_adversaries, adversaries, self.source.eps)
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.adv_weight, self.rmse_weight = float(adv_weight), float(rmse_weight)
         self.generator_steps = int(generator_steps)
@@ -215,6 +219,9 @@ class APEGANModule(LitBase):
         self.victim.eval()
         return self
 
+    def on_fit_start(self) -> None:
+        self.adversary_cache = usable_cache(self.adversary_cache, self.trainer)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.generator(x)
 
@@ -224,8 +231,10 @@ class APEGANModule(LitBase):
 
     # -- losses ------------------------------------------------------------------------------------------
     def make_adversaries(self, x: Tensor, y: Tensor) -> Tensor:
-        """x̃ from the configured source, with G's current weights (used only by ``full``)."""
-        return self.source(self.generator, self.victim, x, y)
+        """x̃ from the configured source, with G's current weights (used only by ``full``); in training, from the
+        cache when ``reuse_adversaries`` is on."""
+        return cached_adversaries(self.adversary_cache, self.training, x,
+                                  lambda i: self.source(self.generator, self.victim, x[i], y[i]))
 
     def discriminator_loss(self, x: Tensor, x_adv: Tensor) -> Tensor:
         """BCE(D(x), 1) + BCE(D(G(x̃)), 0), G's output detached (the release's ``d_loss``)."""
@@ -272,6 +281,8 @@ class APEGANModule(LitBase):
 
         self.log("train/loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/d_loss", d_loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
+        if self.adversary_cache is not None:
+            logs["adv_reused"] = torch.tensor(self.adversary_cache.last_reused)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=n)
         return g_loss.detach()

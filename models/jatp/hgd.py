@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.jatp.adversaries import AdversarySource, check_adversaries
+from models.jatp.adversaries import AdversarySource, adversary_cache, cached_adversaries, check_adversaries, usable_cache
 from models.lit_base import LitBase, OptimizerFactory, SchedulerFactory
 
 
@@ -169,6 +169,8 @@ class HGDModule(LitBase):
         optimizer / scheduler: partial factories (the release: Adam, lr 0.01, no weight decay; ``release_lr_schedule``).
         adversaries: ``"oblivious"`` or ``"full"``.
         attack: keyword arguments of ``AdversarySource`` (eps, steps, alpha, random_start).
+        reuse_adversaries: attack each training image once and reuse its example (``oblivious`` only, ``full`` is always fresh; HGD's fixed
+            training set of adversarial images, ``models.jatp.adversaries.AdversaryCache``).
         export_path: where ``train.py`` writes the denoiser.
     """
 
@@ -180,6 +182,7 @@ class HGDModule(LitBase):
         scheduler: SchedulerFactory | None = None,
         adversaries: str = "oblivious",
         attack: dict[str, Any] | None = None,
+        reuse_adversaries: bool = False,
         export_path: str | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler, export_path)
@@ -188,12 +191,16 @@ class HGDModule(LitBase):
         self.victim = victim.eval().requires_grad_(False)
         self.source = AdversarySource(adversaries, **dict(attack or {}))
         self.adversaries = adversaries
+        self.adversary_cache = adversary_cache(reuse_adversaries, adversaries, self.source.eps)
 
     def train(self, mode: bool = True) -> "HGDModule":
         """The frozen target stays in eval mode whatever Lightning sets."""
         super().train(mode)
         self.victim.eval()
         return self
+
+    def on_fit_start(self) -> None:
+        self.adversary_cache = usable_cache(self.adversary_cache, self.trainer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.denoiser(x)
@@ -203,8 +210,10 @@ class HGDModule(LitBase):
         return copy.deepcopy(self.denoiser).eval()
 
     def make_adversaries(self, x: Tensor, y: Tensor) -> Tensor:
-        """x̃ from the configured source, with the denoiser's current weights (used only by ``full``)."""
-        return self.source(self.denoiser, self.victim, x, y)
+        """x̃ from the configured source, with the denoiser's current weights (used only by ``full``); in training,
+        from the cache when ``reuse_adversaries`` is on."""
+        return cached_adversaries(self.adversary_cache, self.training, x,
+                                  lambda i: self.source(self.denoiser, self.victim, x[i], y[i]))
 
     def lgd_loss(self, x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
         """(LGD loss, the target's logits on P(x̃))."""
@@ -217,6 +226,8 @@ class HGDModule(LitBase):
         x, y = batch
         loss, logits = self.lgd_loss(x, self.make_adversaries(x, y))
         logs = {"acc": (logits.detach().argmax(1) == y).float().mean()}
+        if stage == "train" and self.adversary_cache is not None:
+            logs["adv_reused"] = torch.tensor(self.adversary_cache.last_reused)
         if stage != "train":
             with torch.no_grad():
                 logs["clean_acc"] = (self.victim(self.denoiser(x)).argmax(1) == y).float().mean()

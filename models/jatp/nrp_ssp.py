@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torchvision.models import vgg as tv_vgg
 
 from attacks.base import check_images, eval_mode
+from models.jatp.adversaries import adversary_cache, cached_adversaries, usable_cache
 from models.jatp.networks import NRPGenerator
 from models.lit_base import LitBase, OptimizerFactory
 from models.weights import CheckpointError, read_state_dict
@@ -211,6 +212,9 @@ class NRPSSPModule(LitBase):
         discriminator: the ``NRPDiscriminator``; required when ``adv_weight`` > 0.
         feature_net / vgg_weights / feature_layers / feature_seed: the feature network F (``VGGFeatures``).
         feature_weight / pixel_weight / adv_weight: λ, γ, α of L_G (0 switches a term off; not all 0).
+        reuse_adversaries: compute each training image's SSP example once and reuse it (SSP depends on the image and
+            the frozen F only; ``models.jatp.adversaries.AdversaryCache``) — a CPU reduction: NRP draws a fresh
+            one per batch.
     """
 
     def __init__(
@@ -227,6 +231,7 @@ class NRPSSPModule(LitBase):
         feature_weight: float = 1.0,
         pixel_weight: float = 1e-2,
         adv_weight: float = 5e-3,
+        reuse_adversaries: bool = False,
         export_path: str | None = None,
     ) -> None:
         super().__init__(generator_optimizer, None, export_path)
@@ -240,9 +245,13 @@ class NRPSSPModule(LitBase):
         self.preprocessor = preprocessor
         self.features = VGGFeatures(feature_net, vgg_weights, feature_layers, feature_seed)
         self.attack = attack
+        self.adversary_cache = adversary_cache(reuse_adversaries, "oblivious", attack.eps)
         self.discriminator = discriminator if adv_weight > 0 else None
         self.discriminator_optimizer_factory = discriminator_optimizer
         self.feature_weight, self.pixel_weight, self.adv_weight = float(feature_weight), float(pixel_weight), float(adv_weight)
+
+    def on_fit_start(self) -> None:
+        self.adversary_cache = usable_cache(self.adversary_cache, self.trainer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.preprocessor(x)
@@ -252,8 +261,9 @@ class NRPSSPModule(LitBase):
 
     # -- losses ----------------------------------------------------------------------------------------
     def adversaries(self, x: Tensor) -> Tensor:
-        """x' = SSP(x) with the feature network (P plays no part)."""
-        return self.attack(self.features, x)
+        """x' = SSP(x) with the feature network (P plays no part); in training, from the cache when
+        ``reuse_adversaries`` is on."""
+        return cached_adversaries(self.adversary_cache, self.training, x, lambda i: self.attack(self.features, x[i]))
 
     def discriminator_loss(self, x: Tensor, x_adv: Tensor) -> Tensor:
         assert self.discriminator is not None
@@ -300,6 +310,8 @@ class NRPSSPModule(LitBase):
             d_loss = self.manual_update(disc_opt, lambda: self.discriminator_loss(x, x_adv))
             self.log("train/d_loss", d_loss.detach(), on_step=False, on_epoch=True, batch_size=n)
         g_loss, logs = self.manual_update(gen_opt, lambda: self.generator_loss(x, x_adv))
+        if self.adversary_cache is not None:
+            logs["adv_reused"] = torch.tensor(self.adversary_cache.last_reused)
         self.log("train/loss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         for key, value in logs.items():
             self.log(f"train/{key}", value, on_step=False, on_epoch=True, batch_size=n)
