@@ -297,7 +297,8 @@ disttrans-cpu: install
 	  hydra.run.dir=$(DT_RUN)/audit/disttrans_s10
 	@# Its check (d) fails (the guidance's ReLU masks shatter the exact gradient); the same audit along the smooth
 	@# surrogate (softplus in the guidance classifier), the extra path the adaptive attack takes for this defense.
-	$(PY) evaluate.py $(DT_AUDIT) defense.purifier.reverse_steps=5 defense=disttrans defense.purifier.scale=10.0 	  threat.model.gradient=surrogate hydra.run.dir=$(DT_RUN)/audit/disttrans_s10_surrogate
+	$(PY) evaluate.py $(DT_AUDIT) defense.purifier.reverse_steps=5 defense=disttrans defense.purifier.scale=10.0 \
+	  threat.model.gradient=surrogate hydra.run.dir=$(DT_RUN)/audit/disttrans_s10_surrogate
 	$(PY) evaluate.py $(DT_AUDIT) $(DT_DENSE) defense.purifier.votes=2 hydra.run.dir=$(DT_RUN)/audit/densepure
 	@# Table 3 on GENERATED corruptions (imagecorruptions on the stand-in; not CIFAR-10-C): all 5 × 5, 200 images.
 	$(PY) evaluate.py -m experiment=disttrans_table3 $(DT_N) dataset=fashion_mnist_rgb32_c defense=none,disttrans_authors \
@@ -443,3 +444,10 @@ jatp-cpu: install
 	$(PY) evaluate.py $(JATP_AUDIT) $(JATP_D_jatp) hydra.run.dir=$(JATP_RUN)/audit/jatp
 	$(PY) evaluate.py $(JATP_AUDIT) $(JATP_D_nrp) hydra.run.dir=$(JATP_RUN)/audit/nrp
 	$(PY) -m evaluation.report $(JATP_RUN)
+
+# Before a session that has a GPU lent (README "GPU session (when a device is lent)"): wheels of the packages the GPU
+# image lacks into .whl/, Fashion-MNIST (gzipped) and the small denoiser into .carry/ (both git-excluded), then the size
+# that will travel (< 60 MiB) and the exact `run` call of scripts/gpu/session.sh.
+.PHONY: gpu-prepare
+gpu-prepare: install
+	scripts/gpu/prepare.sh
