@@ -22,10 +22,10 @@ By default the adversaries are crafted afresh for every batch, with a fresh rand
 required (P changes); for ``oblivious`` it draws a new PGD example per visit where the original methods attack a
 fixed training set once. ``AdversaryCache`` (config ``reuse_adversaries: true``) is that fixed set: each distinct
 training image is attacked on its first visit and its example reused on every later one, so only the first epoch
-pays for the attack (on CPU ≈ 25 s of PGD-5 through a ResNet-18 per batch of 128, against ≈ 1–4 s for the
-pre-processor's own step). Images are recognised by their content, so it works with any datamodule; a random
-augmentation makes every view a new image, so with ``augment`` on the cache is dropped at fit start, with a
-warning (``usable_cache``). The trainer logs ``train/adv_reused``, the fraction of each batch reused.
+pays for the attack (session 8: ≈ 30 s per APE-GAN training step of 128 on this project's 2-core CPU, each step
+running PGD-5, i.e. 5 forward-backward passes of the ResNet-18 target). Images are recognised by their content, so
+it works with any datamodule; a random augmentation makes every view a new image, so with ``augment`` on the cache
+is dropped at fit start, with a warning (``usable_cache``). The trainer logs ``train/adv_reused``, the fraction of each batch reused.
 """
 from __future__ import annotations
 
