@@ -12,6 +12,7 @@ module's ``export_path`` as a plain state dict (loadable with ``weights_only=Tru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from evaluation.cli import UserError, guard_command_line, report_user_errors
 from evaluation.cost import CostClock, accumulate_cost, training_record_path
 from evaluation.results import write_json_atomic
 from models.weights import load_weights, save_weights
+
+log = logging.getLogger(__name__)
 
 
 def lightning_dir(export_path: str | Path) -> Path:
@@ -66,6 +69,74 @@ def init_from(module: L.LightningModule, path: str | Path) -> None:
         f"init_weights={path}: no such file — train that network first (python train.py …) or set init_weights=null"))
 
 
+#: The keys that make two trainings the same run: what is trained, on which data, from what, with which seed.
+#: The trainer is left out on purpose: resuming with more epochs, a longer max_time or another progress bar is the
+#: point of resuming; everything else differing means the checkpoint belongs to another training.
+RUN_IDENTITY_KEYS = ("model", "dataset", "victim", "training", "init_weights", "seed")
+#: Beside ``last.ckpt``: the identity of the training that wrote it.
+RUN_RECORD = "run.json"
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved ``RUN_IDENTITY_KEYS`` of ``cfg`` (dataset without its evaluation-only ``eval_subset``)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    identity = {k: plain.get(k) for k in RUN_IDENTITY_KEYS}
+    if isinstance(identity["dataset"], dict):
+        identity["dataset"] = {k: v for k, v in identity["dataset"].items() if k not in ("eval_subset", "tuned", "shard")}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+class RunRecord(Callback):
+    """Writes ``run.json`` (the run's identity) whenever Lightning saves a checkpoint, so the record always describes
+    the training that wrote the ``last.ckpt`` beside it — also when a ``resume=false`` run is interrupted before its
+    first save (the old record then still describes the old checkpoint)."""
+
+    def __init__(self, ckpt_dir: Path, identity: dict[str, Any]) -> None:
+        self.path = Path(ckpt_dir) / RUN_RECORD
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.identity)
+
+
+def check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> bool:
+    """Whether ``ckpt_dir/last.ckpt`` may be resumed by the training ``identity`` describes.
+
+    Resuming another training's checkpoint (other data, subset, loss, attack, victim …) would silently continue a
+    different run under this one's name, so a differing ``run.json`` is one line naming the differing keys; nothing
+    is overwritten. Checkpoints from before ``run.json`` existed resume with a warning."""
+    last = ckpt_dir / "last.ckpt"
+    if not last.exists():
+        return False
+    record = ckpt_dir / RUN_RECORD
+    if not record.exists():
+        log.warning("resuming %s, which has no %s: its training settings cannot be compared with this run's", last, RUN_RECORD)
+        return True
+    try:
+        previous = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{record} is unreadable ({err}); delete it to resume {last}, or pass resume=false to start over") from err
+    old, new = _flat(previous), _flat(identity)
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if differing:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} → {new.get(k, '<unset>')!r}" for k in differing[:4])
+        more = f" (+{len(differing) - 4} more)" if len(differing) > 4 else ""
+        raise UserError(f"{last} was written by a different training ({shown}{more}); pass resume=false to start over "
+                        f"(it overwrites that checkpoint), or rerun with the settings it was written with")
+    return True
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit ``cfg.model`` on ``cfg.dataset``; return (metrics, objects) like lightning-hydra-template."""
     clock = CostClock()  # the training's cost → <weights>.train.json (write_training_record)
@@ -79,11 +150,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
     ckpt_dir = lightning_dir(module.export_path)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint, RunRecord(ckpt_dir, run_identity(cfg))])
     check_ddp_launch(trainer)
     last = ckpt_dir / "last.ckpt"
-    resumed = bool(cfg.resume and last.exists())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume and last.exists() else None)
+    identity = run_identity(cfg)
+    resumed = bool(cfg.resume) and check_resume(ckpt_dir, identity)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
 
     # Under DDP every rank holds the same weights after fit; rank 0 alone writes them (ModelCheckpoint and the
     # loggers are rank-0-only already), so no two processes replace one file.

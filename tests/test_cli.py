@@ -86,6 +86,26 @@ def test_train_resumes_from_last_checkpoint(compose, monkeypatch):
     assert objects["trainer"].current_epoch == 2
 
 
+def test_train_refuses_to_resume_another_trainings_checkpoint(compose, monkeypatch):
+    """A last.ckpt written with other data settings is one line naming the differing key, and nothing is trained or
+    overwritten; resume=false starts over; the record (run.json) then describes the new run."""
+    from evaluation.cli import UserError
+
+    tiny = TINY_TRAIN + ["dataset.datamodule.train_subset=256"]
+    _, objects = counted_train(compose("train", tiny), monkeypatch)
+    ckpt_dir = train_script.lightning_dir(objects["module"].export_path)
+    before = (ckpt_dir / "last.ckpt").read_bytes()
+    other = TINY_TRAIN + ["dataset.datamodule.train_subset=128", "trainer.max_epochs=2"]
+    with pytest.raises(UserError, match=r"different training \(dataset\.datamodule\.train_subset: 256 → 128\).*resume=false"):
+        train_script.train(compose("train", other))
+    assert (ckpt_dir / "last.ckpt").read_bytes() == before
+    fresh, objects = counted_train(compose("train", other + ["resume=false"]), monkeypatch)
+    per_epoch = len(objects["datamodule"].train_dataloader())
+    assert fresh.batches[0] == (0, 0) and len(fresh.batches) == 2 * per_epoch, "resume=false trains from epoch 0"
+    record = json.loads((ckpt_dir / "run.json").read_text())
+    assert record["dataset"]["datamodule"]["train_subset"] == 128
+
+
 def run_cli(script: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PROJECT_ROOT": str(tmp), "PURIFY_DATA_DIR": str(tmp / "data"), "PURIFY_CHECKPOINT_DIR": str(tmp / "ckpt")}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
