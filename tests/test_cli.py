@@ -91,11 +91,11 @@ def test_train_refuses_to_resume_another_trainings_checkpoint(compose, monkeypat
     overwritten; resume=false starts over; the record (run.json) then describes the new run."""
     from evaluation.cli import UserError
 
-    tiny = TINY_TRAIN + ["dataset.datamodule.train_subset=256"]
+    tiny = TINY_TRAIN + ["dataset.datamodule.train_subset=256", "test_after_training=false"]
     _, objects = counted_train(compose("train", tiny), monkeypatch)
     ckpt_dir = train_script.lightning_dir(objects["module"].export_path)
     before = (ckpt_dir / "last.ckpt").read_bytes()
-    other = TINY_TRAIN + ["dataset.datamodule.train_subset=128", "trainer.max_epochs=2"]
+    other = TINY_TRAIN + ["dataset.datamodule.train_subset=128", "trainer.max_epochs=2", "test_after_training=false"]
     with pytest.raises(UserError, match=r"different training \(dataset\.datamodule\.train_subset: 256 → 128\).*resume=false"):
         train_script.train(compose("train", other))
     assert (ckpt_dir / "last.ckpt").read_bytes() == before
