@@ -6,6 +6,8 @@ deliberately hands the attack something weaker (``oblivious``/``transfer``).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -49,6 +51,15 @@ class Purifier(nn.Module):
         gradient against the surrogate's own function and the surrogate's predictions against the real purifier's.
         """
         return None
+
+    def variant_copy(self, **settings) -> "Purifier":
+        """This purifier with some attributes changed, sharing its (frozen) submodules: a surrogate or weakened twin
+        without a second copy of the networks."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)
+        for name, value in settings.items():
+            setattr(other, name, value)
+        return other
 
 
 class Identity(Purifier):

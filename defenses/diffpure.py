@@ -23,7 +23,6 @@ Readings (docs/decisions.md):
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -118,12 +117,4 @@ class DiffPure(Purifier):
         """The same defense with t* = 0 (no diffusion): the audit's "a weakened defense must be weaker" check
         compares it with the undefended model, to which it must fall."""
         return self.variant_copy(t_star=0, stochastic=False)
-
-    def variant_copy(self, **settings) -> "DiffPure":
-        """This purifier with some attributes changed, sharing the frozen denoiser (and guidance classifier)."""
-        other = copy.copy(self)
-        other._modules = dict(self._modules)
-        for name, value in settings.items():
-            setattr(other, name, value)
-        return other
 

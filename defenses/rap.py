@@ -23,6 +23,14 @@ the backward pass (straight-through, Athalye et al. 2018), the comparison. ``gra
 purifier identity-BPDA (``differentiable = False``), ``also_bpda`` attacks along both paths; the audit decides which
 is strongest.
 
+``smooth_surrogate()`` (reverse mode only) is the same chain with every inner step made smooth: sign(∇) → tanh(∇/(τ·m)),
+m the image's mean |∇| (τ = ``surrogate_tau``; τ → 0 is the sign), the gradient taken with ``create_graph`` so the step
+depends on x̂₀ through it, and the argmax label → the victim's softmax at sharpness κ (``surrogate_sharpness``) kept in
+the graph, and inside those steps every ReLU as softplus(β·)/β (``surrogate_beta``; the masks of a ReLU net's
+gradient jump, as in the guided distribution-transfer chain). Its gradient is exact for its own function (the audit's finite differences check it), and it classifies
+like the real chain (check (j)); ``threat.model.gradient=surrogate`` attacks along it. The chain's L2 steps
+(∇/‖∇‖) are smooth already; only their label changes.
+
 ``weakened()`` is the identity: a RAP whose adapter does nothing is the undefended victim (audit check (i)).
 """
 from __future__ import annotations
@@ -31,12 +39,14 @@ import copy
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from defenses.base import Identity, Purifier
 from defenses.latent_search import check_gradient_mode
 from models.rap.adapter import AdaptedClassifier, RAPAdapter
 from models.rap.forward_process import STARTS, AdversarialProcess
+from models.smooth_relu import softplus_relus
 from models.weights import load_weights
 
 MODES = ("one_step", "reverse")
@@ -70,6 +80,10 @@ class RAP(Purifier):
         inner_gradient: ``"exact"`` or ``"bpda"`` through the inner re-degradations (``reverse`` only).
         gradient: ``"exact"`` (differentiable) or ``"bpda"`` (identity BPDA of the whole purifier).
         also_bpda: with exact gradients, also attack along identity BPDA and keep each image's worse candidate.
+        surrogate_tau: τ of the smooth surrogate's tanh(∇/(τ·mean|∇|)) inner steps (``reverse`` only).
+        surrogate_sharpness: κ of the surrogate's soft label softmax(κ·victim logits of x̂₀).
+        surrogate_beta: β of the softplus(β·)/β that replaces the ReLUs of adapter and victim inside the surrogate's
+            inner steps (their gradient, differentiated again, would otherwise jump with every ReLU mask).
         adapter_name / norm / victim_name / victim_training: only for the "train it first" message.
     """
 
@@ -88,6 +102,9 @@ class RAP(Purifier):
         inner_gradient: str = "exact",
         gradient: str = "exact",
         also_bpda: bool = False,
+        surrogate_tau: float = 0.1,
+        surrogate_sharpness: float = 5.0,
+        surrogate_beta: float = 10.0,
         adapter_name: str = "rap_small",
         norm: str = "Linf",
         victim_name: str = "victim",
@@ -124,6 +141,14 @@ class RAP(Purifier):
         self.differentiable = gradient == "exact"  # instance attributes: Defended / the threat models read them
         self.also_bpda = bool(also_bpda) and self.differentiable
         self.stochastic = self.process is not None and self.process.stochastic
+        if not (surrogate_tau > 0 and surrogate_sharpness > 0 and surrogate_beta > 0):
+            raise ValueError("RAP: surrogate_tau, surrogate_sharpness and surrogate_beta must be > 0, got "
+                             f"{surrogate_tau}, {surrogate_sharpness}, {surrogate_beta}")
+        self.surrogate_tau = float(surrogate_tau)
+        self.surrogate_sharpness = float(surrogate_sharpness)
+        self.surrogate_beta = float(surrogate_beta)
+        #: True on the copy ``smooth_surrogate()`` returns.
+        self.smooth = False
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, T={self.num_steps}, attack_t={self.attack_t}, inner_gradient={self.inner_gradient}, "
@@ -152,11 +177,41 @@ class RAP(Purifier):
             x0_hat = self.adapter(x_t, t)
             if t == 1:
                 return x0_hat
+            if self.smooth:
+                x_t = self.smooth_redegrade(robust, x0_hat, t - 1)
+                continue
             with torch.no_grad():
                 label = self.classifier(x0_hat).argmax(dim=1)
             x_prev = self.process.trajectory(robust, x0_hat, label, t - 1, differentiable=exact)[-1]
             x_t = x_prev if exact else x0_hat + (x_prev - x0_hat).detach()
         return x_t  # unreachable: num_steps >= 1
+
+    def smooth_redegrade(self, robust: nn.Module, x0_hat: Tensor, steps: int) -> Tensor:
+        """The surrogate's Alg. 1: ``steps`` smooth inner steps from x̂₀ (see the module docstring), differentiable
+        in x̂₀ through the steps themselves (double backprop), not only through the projections."""
+        proc = self.process
+        keep = torch.is_grad_enabled() and x0_hat.requires_grad
+        with torch.inference_mode(False), torch.enable_grad(), softplus_relus(self.surrogate_beta):
+            anchor = x0_hat if keep else x0_hat.detach().clone().requires_grad_(True)
+            soft_label = F.softmax(self.surrogate_sharpness * self.classifier(anchor), dim=1)
+            x = proc.project(anchor + proc.start_noise(anchor), anchor)
+            for _ in range(steps):
+                loss = -(soft_label * F.log_softmax(robust(x), dim=1)).sum()
+                (grad,) = torch.autograd.grad(loss, [x], create_graph=True)
+                if proc.norm == "Linf":
+                    scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+                    direction = torch.tanh(grad / (self.surrogate_tau * scale))
+                else:
+                    direction = proc.direction(grad)
+                x = proc.project(x + proc.step_size * direction, anchor)
+        return x if keep else x.detach()
+
+    def smooth_surrogate(self) -> "RAP | None":
+        """The reverse chain with smooth inner steps and a soft label (None in one-step mode, which is smooth, and on
+        the surrogate itself). Shares the adapter and victim."""
+        if self.mode != "reverse" or self.smooth:
+            return None
+        return self.variant_copy(smooth=True)
 
     def weakened(self) -> Purifier:
         """The identity: RAP with an adapter that does nothing is the undefended victim (audit check (i))."""

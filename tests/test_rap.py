@@ -218,6 +218,35 @@ def test_reverse_process_runs_t_to_1_and_is_deterministic_and_differentiable(fit
         RAP(ad, mode="two_step")
 
 
+def test_reverse_mode_offers_a_smooth_surrogate_whose_gradient_matches_its_function(fitted):
+    """The reverse chain's inner sign steps make its exact gradient describe a jumping function; the surrogate (tanh
+    steps, soft label, double backprop) classifies like the chain and its gradient matches its own finite differences
+    (the audit's check (d) along gradient=surrogate). One-step mode, smooth already, offers none."""
+    from evaluation.audit import _finite_difference
+
+    victim, x, y = fitted
+    steps = 4
+    proc = AdversarialProcess("Linf", 0.1, steps, step_size=0.03)
+    rap = RAP(tiny_adapter(residual=True, num_steps=steps), mode="reverse", classifier=copy.deepcopy(victim), process=proc)
+    assert RAP(tiny_adapter()).smooth_surrogate() is None
+    smooth = rap.smooth_surrogate()
+    assert smooth is not None and smooth.smooth and not rap.smooth and smooth.smooth_surrogate() is None
+    assert smooth.adapter is rap.adapter, "the surrogate shares the adapter"
+    # Interior images (pixels in [0.2, 0.8]): at the [0, 1] boundary the chain's clamps (x̂₀'s and Alg. 1's) are kinks
+    # of the real function and of the surrogate alike, which a finite difference of step 0.01 straddles.
+    xb, yb = 0.2 + 0.6 * x[:16], y[:16]
+    real, soft = Defended(rap, victim), Defended(smooth, victim)
+    with torch.no_grad():
+        agree = (real(xb).argmax(1) == soft(xb).argmax(1)).float().mean()
+    assert agree >= 0.8, f"the surrogate classifies only {agree:.0%} of the images like the chain"
+    rel_smooth, _ = _finite_difference(copy.deepcopy(soft).double().eval(), xb.double(), yb, 0.01, 0)
+    rel_exact, _ = _finite_difference(copy.deepcopy(real).double().eval(), xb.double(), yb, 0.01, 0)
+    assert rel_smooth <= 0.1, rel_smooth
+    assert rel_smooth < rel_exact, (rel_smooth, rel_exact)
+    with pytest.raises(ValueError, match="surrogate_tau, surrogate_sharpness and surrogate_beta must be > 0"):
+        RAP(tiny_adapter(), surrogate_tau=0)
+
+
 # -- configs, weights, messages --------------------------------------------------------------------------------
 def test_configs_compose_and_instantiate(compose):
     from models.diffusion.unet import DDPMUNet
