@@ -272,6 +272,7 @@ def test_configs_compose_and_instantiate(compose):
     rev = compose("evaluate", ["defense=rap_reverse", "denoiser=rap_tiny"])
     rap = instantiate(rev.defense.purifier, weights=None, classifier={"weights": None})
     assert (rap.mode, rap.stochastic, rap.process.random_start, rap.inner_gradient, rev.defense.name) == ("reverse", False, "none", "exact", "rap_reverse")
+    assert rap.smooth_surrogate() is not None and (rap.surrogate_tau, rap.surrogate_sharpness, rap.surrogate_beta) == (0.1, 5.0, 10.0)
     # Table 6: the adapter trained against the standard victim, put in front of the adversarially trained one.
     t6 = compose("evaluate", ["defense=rap", "victim_training=pgd_at", "denoiser.victim_training=standard"])
     assert t6.victim.weights.endswith("classifier_a-pgd_at.pt") and t6.defense.purifier.weights.endswith("classifier_a-standard.pt")
