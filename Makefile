@@ -26,9 +26,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'torchattacks==3.5.1'
 	touch $(STAMP)
 
-# Fast suite (slow-marked CPU-scale tests excluded); ≤ ~8 min on 2 cores.
+# Fast suite (slow-marked CPU-scale tests excluded): TEST_WORKERS pytest-xdist processes of one thread each, one test
+# file per worker at a time (--dist loadfile keeps module fixtures computed once). The tests' models are tiny, so one
+# thread per process beats two threads in one process on the 2-core CI machine (session 14: see docs/status.md).
+# `make test TEST_WORKERS=0` runs it in one process, as plain `pytest` does.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -m "not slow" -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install
 	$(PY) -m pytest -q
