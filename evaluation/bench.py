@@ -41,6 +41,7 @@ import functools
 import gc
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -770,10 +771,21 @@ def selected(only: str | None) -> tuple[set[str], set[str] | None]:
     return groups, None if "cases" in names else (case_names or None)
 
 
+def machine_load() -> str:
+    """The 1-minute load average against the core count, with a warning when another job is busy. Why: two processes
+    that each run as many OpenMP threads as there are cores make every small kernel wait for a core (session 14 saw
+    `--quick` take 15 min instead of < 1 min beside a 2-thread evaluation), so absolute figures from a loaded machine
+    mean little; the side-by-side ratios hold better, but a reader should know."""
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    busy = " — the machine is busy: absolute figures are slowed, read the ratios" if load > 0.5 * cores else ""
+    return f"load average {load:.1f} on {cores} cores{busy}"
+
+
 def run(argv: list[str] | None = None, stream=sys.stdout) -> Report:
     """Run the bench; return the report (the JSON lines are printed as they come, the summary at the end)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and PGD-5: a smoke test (< 1 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and PGD-5: a smoke test (< 1 min on 2 quiet cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", default=None, help=f"comma-separated figure groups ({', '.join(GROUPS)}) or defense cases")
     parser.add_argument("--compile", action="store_true", help="measure eval.compile on a CPU too (minutes of compilation)")
@@ -783,7 +795,8 @@ def run(argv: list[str] | None = None, stream=sys.stdout) -> Report:
 
     device = torch.device(args.device)
     label = device_name(device)
-    print(f"device: {label}; torch {torch.__version__}; mode: {'quick' if args.quick else 'default'}", file=stream, flush=True)
+    print(f"device: {label}; torch {torch.__version__}; mode: {'quick' if args.quick else 'default'}; {machine_load()}",
+          file=stream, flush=True)
     report = Report(label, stream)
     groups, names = selected(args.only)
     steps = 5 if args.quick else 40

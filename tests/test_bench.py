@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_quick_bench_prints_device_json_lines_with_ratios_and_a_summary():
     out = io.StringIO()
     report = bench.run(["--quick", "--device", "cpu", "--only", "none,eot", "--no-memory"], stream=out)
     text = out.getvalue()
-    assert text.splitlines()[0].startswith("device: cpu (")
+    assert text.splitlines()[0].startswith("device: cpu (") and f"on {os.cpu_count()} cores" in text.splitlines()[0]
     rows = figures(text)
     assert [r["name"] for r in rows] == ["none: defended inference", "none: adaptive PGD-5", "EOT-PGD (classifier A + Gaussian noise)"]
     for row in rows:
@@ -65,6 +66,7 @@ def test_checkpointing_makes_memory_grow_sublinearly():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # the subprocess has its own 600 s limit; < 1 min quiet, > 5 min beside a 2-thread job
 def test_make_bench_quick_runs_every_figure():
     done = subprocess.run([sys.executable, "-m", "evaluation.bench", "--quick"], capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).resolve().parents[1])
