@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from defenses.base import Identity, Purifier
 from defenses.latent_search import check_gradient_mode
@@ -188,10 +189,14 @@ class RAP(Purifier):
 
     def smooth_redegrade(self, robust: nn.Module, x0_hat: Tensor, steps: int) -> Tensor:
         """The surrogate's Alg. 1: ``steps`` smooth inner steps from x̂₀ (see the module docstring), differentiable
-        in x̂₀ through the steps themselves (double backprop), not only through the projections."""
+        in x̂₀ through the steps themselves (double backprop), not only through the projections. Attention runs on
+        PyTorch's math kernel here: the fused CPU / flash kernels have no double backward, so an attack through the
+        inner gradients of an adapter with self-attention (rap_tiny's U-Net) would stop with "derivative … not
+        implemented"."""
         proc = self.process
         keep = torch.is_grad_enabled() and x0_hat.requires_grad
-        with torch.inference_mode(False), torch.enable_grad(), softplus_relus(self.surrogate_beta):
+        with torch.inference_mode(False), torch.enable_grad(), softplus_relus(self.surrogate_beta), \
+                sdpa_kernel(SDPBackend.MATH):
             anchor = x0_hat if keep else x0_hat.detach().clone().requires_grad_(True)
             soft_label = F.softmax(self.surrogate_sharpness * self.classifier(anchor), dim=1)
             x = proc.project(anchor + proc.start_noise(anchor), anchor)

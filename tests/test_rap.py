@@ -392,3 +392,19 @@ def test_cifar_tables_point_at_the_right_adapters_and_numbers(compose):
                                 "denoiser.victim_training=standard", "table.row=cifar10 RAP+AT"])
     assert _paper_number(both) == 73.5 and both.defense.purifier.weights.endswith("rap-rap_cifar10-Linf-robustbench-standard.pt")
     assert both.victim.weights.endswith("cifar10/wrn_28_10-pgd_at.pt")
+
+
+def test_smooth_surrogate_differentiates_twice_through_the_configured_adapter(compose, fitted):
+    """The audit along gradient=surrogate backpropagates through the surrogate's inner gradients, so every op of the
+    real adapter needs a double backward: `rap_tiny`'s U-Net has self-attention, whose fused CPU kernel has none
+    (session 14: the audit stopped with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is
+    not implemented"). The surrogate's gradient through the configured adapter must come back finite and non-zero."""
+    victim, x, y = fitted
+    cfg = compose("train", ["model=rap", "denoiser=rap_tiny", "denoiser.num_steps=2", "logger=csv"])
+    adapter = instantiate(cfg.model, victim={"weights": None}).adapter.eval()
+    assert any("Attention" in type(m).__name__ for m in adapter.modules()), "the test needs an adapter with attention"
+    proc = AdversarialProcess("Linf", 0.1, 2, step_size=0.05)
+    smooth = RAP(adapter, mode="reverse", classifier=copy.deepcopy(victim), process=proc).smooth_surrogate()
+    xb = x[:4].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(Defended(smooth, victim)(xb), y[:4]), [xb])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
