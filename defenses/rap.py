@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from defenses.base import Identity, Purifier
 from defenses.latent_search import check_gradient_mode
+from models.diffusion.unet import double_backward_attention
 from models.rap.adapter import AdaptedClassifier, RAPAdapter
 from models.rap.forward_process import STARTS, AdversarialProcess
 from models.smooth_relu import softplus_relus
@@ -189,14 +189,12 @@ class RAP(Purifier):
 
     def smooth_redegrade(self, robust: nn.Module, x0_hat: Tensor, steps: int) -> Tensor:
         """The surrogate's Alg. 1: ``steps`` smooth inner steps from x̂₀ (see the module docstring), differentiable
-        in x̂₀ through the steps themselves (double backprop), not only through the projections. Attention runs on
-        PyTorch's math kernel here: the fused CPU / flash kernels have no double backward, so an attack through the
-        inner gradients of an adapter with self-attention (rap_tiny's U-Net) would stop with "derivative … not
-        implemented"."""
+        in x̂₀ through the steps themselves (double backprop), not only through the projections; attention on the
+        math kernel (``double_backward_attention``: rap_tiny's U-Net has self-attention)."""
         proc = self.process
         keep = torch.is_grad_enabled() and x0_hat.requires_grad
         with torch.inference_mode(False), torch.enable_grad(), softplus_relus(self.surrogate_beta), \
-                sdpa_kernel(SDPBackend.MATH):
+                double_backward_attention():
             anchor = x0_hat if keep else x0_hat.detach().clone().requires_grad_(True)
             soft_label = F.softmax(self.surrogate_sharpness * self.classifier(anchor), dim=1)
             x = proc.project(anchor + proc.start_noise(anchor), anchor)

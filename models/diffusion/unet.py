@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -146,6 +147,14 @@ class DiffDefenseUNet(nn.Module):
         return self.head(h)
 
 
+def double_backward_attention():
+    """Attention on PyTorch's math kernel for the enclosed forward passes: the fused SDPA kernels (flash / memory-
+    efficient, CPU and CUDA) have no double backward, so any graph that is differentiated twice (a gradient taken with
+    ``create_graph`` inside an attack's graph: guided diffusion, RAP's smooth surrogate) must record attention this
+    way, or the outer backward stops with "derivative for aten::_scaled_dot_product_…_backward is not implemented"."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class DDPMUNet(nn.Module):
     """Ho et al.'s (2020) ε-prediction U-Net, built by ``diffusers.UNet2DModel`` — ``forward(x_t, t) -> ε̂``.
 
@@ -199,8 +208,6 @@ class DDPMUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = check_denoiser_input(self, x, t)
         if self.double_backward and torch.is_grad_enabled():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
+            with double_backward_attention():
                 return self.net(x, t).sample
         return self.net(x, t).sample
