@@ -236,6 +236,48 @@ dev-response: dev-weights
 diffdefense-mnistdev: dev-tstar dev-table1 dev-table2 dev-adaptive dev-response
 	$(PY) -m evaluation.report $(DEV_RUN)
 
+# Issue 11, "a measured reason why not (data size, training length — give the numbers)": what more DDPM training and
+# more classifier data do to the authors' variant beside 1-bit binarisation, on 200 VALIDATION images only (no test
+# image; L 4, R 5, one draw, as dev-tstar). dev-ddpm-length trains the authors' DDPM (batch 1024) in stages that end at
+# $(DEV_LEN_EPOCHS) epochs, resuming each from the last and keeping every stage's weights (Adam at a constant lr: the
+# stages are one run); 501 is the authors' epoch count (≈ 2,000 steps on 3,200 images; full MNIST ≈ 29,500), and each
+# stage is scored at T* 5 / 10 / 15 (and the first and last by the response diagnostic). dev-data-size trains classifier A (30 epochs) on $(DEV_SIZES) of the 3,200
+# training images and scores none / bit_depth / diffdefense_authors (the last stage's DDPM, T* $(DEV_TSTAR_AUTHORS))
+# with each and with the full-data A. Report: $(DEV_RUN)/report.md (docs/results/diffdefense-mnist-dev.md).
+DEV_LEN := $(DEV_CKPT)/ddpm_length
+DEV_LEN_EPOCHS := 86 250 501
+DEV_LEN_LAST := $(DEV_LEN)/e$(lastword $(DEV_LEN_EPOCHS)).pt
+DEV_SIZES := 800 1600
+DEV_VAL := dataset=mnist dataset.eval_split=val dataset.eval_subset=200 eval.n_draws=1 eval.progress=false
+.PHONY: dev-ddpm-length dev-data-size dev-classifier-a
+dev-classifier-a: dev-data
+	test -f $(DEV_CKPT)/classifier_a-standard.pt || $(PY) train.py dataset=mnist trainer.max_epochs=30 $(CPU_TRAIN)
+dev-ddpm-length: dev-classifier-a
+	for e in $(DEV_LEN_EPOCHS); do \
+	  test -f $(DEV_LEN)/e$$e.pt || { $(PY) train.py dataset=mnist model=denoiser_authors trainer.max_epochs=$$e \
+	    dataset.datamodule.batch_size=1024 test_after_training=false denoiser.weights=$(DEV_LEN)/denoiser.pt $(CPU_TRAIN) \
+	    && cp $(DEV_LEN)/denoiser.pt $(DEV_LEN)/e$$e.pt && cp $(DEV_LEN)/denoiser.train.json $(DEV_LEN)/e$$e.train.json; } || exit 1; \
+	  $(PY) evaluate.py -m experiment=diffdefense_tstar $(DEV_VAL) defense=diffdefense_authors attack=none,fgsm,pgd_restarts \
+	    'defense.purifier.t_star=5,10,15' defense.denoiser.weights=$(DEV_LEN)/e$$e.pt \
+	    hydra.sweep.dir=$(DEV_RUN)/ddpm_length/e$$e || exit 1; done
+	@# The response diagnostic (dev-response's 16 test images) of the first and the last stage: does training move the threshold?
+	for e in $(firstword $(DEV_LEN_EPOCHS)) $(lastword $(DEV_LEN_EPOCHS)); do \
+	  $(PY) evaluate.py -m experiment=diffdefense_response $(DEV_BASE) defense=diffdefense_authors \
+	    defense.denoiser.weights=$(DEV_LEN)/e$$e.pt dataset.eval_subset=16 dataset.datamodule.eval_batch_size=16 \
+	    hydra.sweep.dir=$(DEV_RUN)/ddpm_length_response/e$$e || exit 1; done
+dev-data-size: dev-ddpm-length
+	for n in $(DEV_SIZES); do test -f $(DEV_CKPT)/data_size/classifier_a-n$$n.pt || $(PY) train.py dataset=mnist \
+	  trainer.max_epochs=30 dataset.datamodule.train_subset=$$n victim.weights=$(DEV_CKPT)/data_size/classifier_a-n$$n.pt \
+	  $(CPU_TRAIN) || exit 1; done
+	for w in $(foreach n,$(DEV_SIZES),$(DEV_CKPT)/data_size/classifier_a-n$(n).pt) $(DEV_CKPT)/classifier_a-standard.pt; do \
+	  run=$(DEV_RUN)/data_size/$$(basename $$w .pt); \
+	  $(PY) evaluate.py -m experiment=diffdefense_table1 $(DEV_VAL) threat=oblivious victim.weights=$$w \
+	    defense=none,bit_depth attack=none,fgsm,pgd_restarts hydra.sweep.dir=$$run/baselines && \
+	  $(PY) evaluate.py -m experiment=diffdefense_table1 $(DEV_VAL) threat=oblivious victim.weights=$$w \
+	    defense=diffdefense_authors defense.purifier.t_star=$(DEV_TSTAR_AUTHORS) defense.denoiser.weights=$(DEV_LEN_LAST) \
+	    attack=none,fgsm,pgd_restarts hydra.sweep.dir=$$run/diffdefense_authors || exit 1; done
+	$(PY) -m evaluation.report $(DEV_RUN)
+
 # CPU-scale distribution transfer + DiffPure + DensePure (issue 12) on the CIFAR-shaped stand-in fashion_mnist_rgb32
 # (NOT CIFAR-10): ResNet-18 (2 epochs on 20k images) and the small DDPM U-Net (denoiser=ddpm_small, T = 1000, 30 min)
 # trained here when missing. CPU reductions (the defaults are the papers'): every chain respaced to $(DT_STEPS)

@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation.results import write_atomic, write_text_atomic  # noqa: E402
-from evaluation.tables import is_stochastic, load_results, robust_cell  # noqa: E402
+from evaluation.tables import eval_split, is_stochastic, load_results, recorded_t_star, robust_cell  # noqa: E402
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -50,20 +50,6 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 # -- Fig. 3: accuracy vs T* ---------------------------------------------------------------------
-def _t_star(result: dict[str, Any]) -> int | None:
-    """The config's ``defense.purifier.t_star``; where that is null (distribution transfer matches t* from
-    ``match_t``), the resolved one the run recorded (results.json ``purifier.t_star``; ``t_star`` in older files)."""
-    purifier = ((result.get("config") or {}).get("defense") or {}).get("purifier") or {}
-    t = purifier.get("t_star")
-    if t is None:
-        t = (result.get("purifier") or {}).get("t_star", result.get("t_star"))
-    return None if t is None else int(t)
-
-
-def _split(result: dict[str, Any]) -> str:
-    return str(((result.get("config") or {}).get("dataset") or {}).get("eval_split", "test"))
-
-
 Curves = dict[tuple[str, str, str], dict[str, dict[int, float]]]
 
 
@@ -71,10 +57,11 @@ def tstar_curves(results: list[dict[str, Any]]) -> Curves:
     """{(dataset, split, defense): {attack: {T*: robust_acc}}} from results.json dicts that have a T*."""
     curves: Curves = defaultdict(lambda: defaultdict(dict))
     for r in results:
-        t = _t_star(r)
+        t = recorded_t_star(r)
         if t is None or r.get("robust_acc") is None:
             continue
-        curves[(r["dataset"], _split(r), str(r.get("defense", "?")))][r["attack"]][t] = float(r["robust_acc"])
+        defense = str(r.get("defense", "?")) + (f" ({r['variant']})" if r.get("variant") else "")
+        curves[(r["dataset"], eval_split(r), defense)][r["attack"]][t] = float(r["robust_acc"])
     return {k: dict(v) for k, v in curves.items()}
 
 

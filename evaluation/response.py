@@ -142,9 +142,10 @@ def response_markdown(results: list[dict[str, Any]]) -> str:
              "out white, and the share of clean background pixels that are white after purification.", "",
              "| defense | victim | attack | implied threshold | white: adversarial input | white: purified adversarial | white: purified clean |",
              "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (str(r.get("defense")), str(r.get("attack")))):
+    for r in sorted(rows, key=lambda r: (str(r.get("defense")), str(r.get("variant")), str(r.get("attack")))):
         w = r.get("response_whitened") or {}
         pct = lambda k: "—" if k not in w else f"{100 * w[k]:.1f} %"  # noqa: E731
-        lines.append(f"| {r.get('defense')} | {r.get('victim')} | {r.get('attack')} | {fmt(r.get('response_threshold'))} | "
+        defense = str(r.get("defense")) + (f" ({r['variant']})" if r.get("variant") else "")
+        lines.append(f"| {defense} | {r.get('victim')} | {r.get('attack')} | {fmt(r.get('response_threshold'))} | "
                      f"{pct('adversarial_input')} | {pct('purified_adversarial')} | {pct('purified_clean')} |")
     return "\n".join(lines) + "\n"

@@ -16,7 +16,10 @@ Two kinds of rows are added to the grid besides one per run:
   ours, the paper's number in parentheses.
 
 A cell run under several seeds (``seed=0,1,2``) shows ``mean ± std (k seeds)`` over them (the sample standard
-deviation; JATP reports its tables that way). Runs of one cell under the same seed are not averaged: the last read wins.
+deviation; JATP reports its tables that way). Runs that would share a cell and a seed while their configs differ
+(another victim or denoiser weights file, a setting the table does not label) are never folded into one cell: each
+gets a ``variant`` naming what differs (``victim.weights=classifier_a-n800.pt``), appended to its row
+(``tell_apart``). Runs of one cell with the same config and seed are reruns: the last read wins.
 
 Shards (``dataset.shard=i/n``, a multirun over i) of one evaluation are merged into one result before anything is
 shown: their per-batch counts (``batch_records``) are concatenated in batch order and summed exactly as the unsharded
@@ -66,7 +69,75 @@ def load_results(run_dir: str | Path, merge: bool = True) -> list[dict[str, Any]
             results.append(json.loads(f.read_text()))
         except json.JSONDecodeError as e:
             print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
-    return merge_shards(results) if merge else results
+    return tell_apart(merge_shards(results)) if merge else results
+
+
+#: Config keys that say where and how a run printed, never what it measured.
+PLACE_KEYS = ("paths.", "logger.", "hydra.", "eval.progress")
+#: What a table shows a run under; runs that agree on all of these land in one cell.
+CELL_KEYS = ("dataset", "defense", "attack", "threat", "norm", "eps", "seed")
+
+
+def _flat_config(node: Any, prefix: str = "") -> dict[str, str]:
+    if not isinstance(node, dict):
+        return {prefix: json.dumps(node, sort_keys=True) if isinstance(node, list) else str(node)}
+    out: dict[str, str] = {}
+    for k, v in node.items():
+        out.update(_flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def recorded_t_star(result: dict[str, Any]) -> int | None:
+    """The config's ``defense.purifier.t_star``; where that is null (distribution transfer matches t* from
+    ``match_t``), the resolved one the run recorded (results.json ``purifier.t_star``; ``t_star`` in older files)."""
+    purifier = ((result.get("config") or {}).get("defense") or {}).get("purifier") or {}
+    t = purifier.get("t_star")
+    if t is None:
+        t = (result.get("purifier") or {}).get("t_star", result.get("t_star"))
+    return None if t is None else int(t)
+
+
+def eval_split(result: dict[str, Any]) -> str:
+    """The split a run scored (``dataset.eval_split``: test, or val for tuning)."""
+    return str(((result.get("config") or {}).get("dataset") or {}).get("eval_split", "test"))
+
+
+def _cell_identity(result: dict[str, Any]) -> tuple[str, ...]:
+    t = result.get("table") or {}
+    return (*(str(result.get(k)) for k in CELL_KEYS), eval_split(result), str(t.get("row")), str(t.get("column")),
+            str(recorded_t_star(result)))
+
+
+def _shown(key: str, value: str) -> str:
+    return f"{key}={Path(value).name if '/' in value else value}"
+
+
+def tell_apart(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` with a ``variant`` label on each run that shares its cell (``_cell_identity``: labels, dataset
+    split, seed, T*) with a run of a different config: the config keys whose values differ within the cell, paths
+    shown by file name (``victim.weights=classifier_a-n800.pt``); keys that always vary together are named once (the
+    shortest). Without it, a sweep over weights files — classifiers trained on 800 / 1,600 / 3,200 images, one DDPM
+    after 86 / 250 / 501 epochs — would show one of them per cell as if it were the only run (the last read wins)."""
+    cells: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        cells.setdefault(_cell_identity(r), []).append(r)
+    labelled: dict[int, str] = {}
+    for group in cells.values():
+        if len(group) < 2:
+            continue
+        flats = [_flat_config(r.get("config") or {}) for r in group]
+        keys = sorted(set().union(*flats), key=lambda k: (len(k), k))
+        columns: dict[tuple[str, ...], str] = {}
+        for key in keys:
+            if key.startswith(PLACE_KEYS):
+                continue
+            values = tuple(f.get(key, "<unset>") for f in flats)
+            if len(set(values)) > 1:
+                columns.setdefault(values, key)  # keys that vary together: the shortest names them
+        for i, r in enumerate(group):
+            if columns:
+                labelled[id(r)] = ", ".join(_shown(key, values[i]) for values, key in columns.items())
+    return [{**r, "variant": labelled[id(r)]} if id(r) in labelled else r for r in results]
 
 
 def _is_shard(result: dict[str, Any]) -> bool:
@@ -221,7 +292,7 @@ def grid_table(results: list[dict[str, Any]]) -> str:
     by_cell: dict[tuple[str, str], dict[Any, dict[str, Any]]] = {}
     for r in results:
         raw, suffix, col = _labels(r)
-        row = raw + suffix
+        row = raw + (f" ({r['variant']})" if r.get("variant") else "") + suffix
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
         cells[(row, col)] = robust_cell(r)
@@ -346,9 +417,11 @@ def long_table(results: list[dict[str, Any]]) -> str:
     shards = ("shards",) if any(r.get("shard") for r in results) else ()
     # The job's wall time (cost.wall_s, summed over shards for a merged row), when some run recorded one.
     cost = ("wall_s",) if any(isinstance(r.get("cost"), dict) for r in results) else ()
-    keys = ("dataset", "victim", "victim_training", "defense", "attack", "threat", "eps") + METRIC_COLUMNS + timing + shards + cost + ("paper",)
+    # What tells apart runs that share a cell (tell_apart), when some do.
+    variant = ("variant",) if any(r.get("variant") for r in results) else ()
+    keys = ("dataset", "victim", "victim_training", "defense") + variant + ("attack", "threat", "eps") + METRIC_COLUMNS + timing + shards + cost + ("paper",)
     lines = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    order = ("dataset", "victim", "victim_training", "defense", "threat", "attack")
+    order = ("dataset", "victim", "victim_training", "defense", "variant", "threat", "attack")
     for r in sorted(results, key=lambda r: tuple(str(r.get(k)) for k in order)):
         fmt = lambda k: (_shard_label(r) if k == "shards" else _wall_label(r) if k == "wall_s" else  # noqa: E731
                          f"{r[k]:.4g}" if k in timing and isinstance(r.get(k), float) else _fmt(r.get(k)))

@@ -373,7 +373,7 @@ def test_bit_depth_is_swept_in_the_diffdefense_tables(compose, experiment, colum
 
     text = (Path(__file__).resolve().parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text()
     sweep = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "experiment" / f"{experiment}.yaml")
-    assert sweep.hydra.sweeper.params.defense.split(",") == ["none", "diffdefense", "bit_depth"]
+    assert sweep.hydra.sweeper.params.defense.split(",") == ["none", "diffdefense", "diffdefense_authors", "bit_depth"]
     cfg = compose("evaluate", [f"experiment={experiment}", "defense=bit_depth", "dataset=mnist", "attack=fgsm"])
     assert cfg.defense.name == "bit_depth" and cfg.defense.purifier.bits == 1
     assert cfg.table.column == column  # its own cells, beside none and diffdefense

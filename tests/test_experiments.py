@@ -88,12 +88,12 @@ def test_sweep_combinations_compose(compose, experiment, scale):
 def test_cpu_overrides_replace_the_sweeps_datasets():
     assert {j[0] for j in sweep_jobs("diffdefense_table1")} == {"dataset=mnist", "dataset=kmnist", "dataset=fashion_mnist"}
     jobs = sweep_jobs("diffdefense_table1", CPU_SCALE)
-    assert len(jobs) == 4 * 2 * 3 and all("dataset=fashion_mnist" in j for j in jobs)
+    assert len(jobs) == 4 * 2 * 4 and all("dataset=fashion_mnist" in j for j in jobs)
 
 
 def test_sweep_sizes():
-    assert len(sweep_jobs("diffdefense_table1")) == 3 * 4 * 2 * 3  # defenses: none, diffdefense, bit_depth
-    assert len(sweep_jobs("diffdefense_table2")) == 2 * 8 * 3 * 2
+    assert len(sweep_jobs("diffdefense_table1")) == 3 * 4 * 2 * 4  # defenses: none, diffdefense, diffdefense_authors, bit_depth
+    assert len(sweep_jobs("diffdefense_table2")) == 2 * 8 * 4 * 2
     assert len(sweep_jobs("diffdefense_table3")) == 2 * 6
     tstar = sweep_jobs("diffdefense_tstar")
     assert len(tstar) == 2 * 5 * 15 and {j[-1] for j in tstar} == {f"defense.purifier.t_star={t}" for t in range(1, 16)}

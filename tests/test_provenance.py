@@ -136,3 +136,40 @@ def test_tables_show_worst_of_n_only_for_stochastic_defenses(tmp_path):
     assert "mean / worst-of-N" in text.splitlines()[0]
     only_deterministic = grid_table([_result("none", 1, 3.5, 3.5, 4.0)])
     assert only_deterministic.splitlines()[-1] == "| none | 3.50 (4.00) |"
+
+
+def _weights_variant(path: str, robust: float, out: str) -> dict:
+    return {**_result("bit_depth", 1, robust, robust, None),
+            "config": {"victim": {"weights": path}, "paths": {"output_dir": out}, "dataset": {"eval_split": "val"}}}
+
+
+def test_tables_keep_runs_of_other_weights_apart_and_name_what_differs(tmp_path):
+    """Three classifiers (800 / 1,600 / 3,200 training images) under one row label: three rows naming the weights
+    file, not one cell showing whichever was read last; the output folder (where it ran) names nothing."""
+    runs = [_weights_variant(f"checkpoints/mnist/data_size/classifier_a-n{n}.pt", acc, f"multirun/x/{n}")
+            for n, acc in [(800, 56.5), (1600, 67.5), (3200, 75.5)]]
+    runs.append(_weights_variant("checkpoints/mnist/data_size/classifier_a-n800.pt", 56.5, "multirun/rerun/800"))
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps(r))
+    lines = render(tmp_path).splitlines()
+    for n, acc in [(800, "56.50"), (1600, "67.50"), (3200, "75.50")]:
+        assert f"| bit_depth (victim.weights=classifier_a-n{n}.pt) | {acc} |" in lines
+    assert not any(line.startswith("| bit_depth |") for line in lines)
+    assert any(line.startswith("| dataset | victim | victim_training | defense | variant |") for line in lines)
+
+
+def test_tstar_curves_keep_denoisers_of_other_training_lengths_apart():
+    from evaluation.plots import tstar_curves
+
+    def run(epochs: int, acc: float) -> dict:
+        return {"dataset": "mnist", "defense": "diffdefense_authors", "attack": "fgsm", "threat": "oblivious",
+                "robust_acc": acc, "table": {"row": "mnist val fgsm", "column": "T*=10"},
+                "config": {"dataset": {"eval_split": "val"}, "defense": {"purifier": {"t_star": 10},
+                           "denoiser": {"weights": f"ckpt/e{epochs}.pt"}}}}
+
+    from evaluation.tables import tell_apart
+    curves = tstar_curves(tell_apart([run(86, 75.5), run(501, 74.0)]))
+    assert {k[2]: v["fgsm"][10] for k, v in curves.items()} == {
+        "diffdefense_authors (defense.denoiser.weights=e86.pt)": 75.5,
+        "diffdefense_authors (defense.denoiser.weights=e501.pt)": 74.0}
