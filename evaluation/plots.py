@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -53,6 +54,11 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 Curves = dict[tuple[str, str, str], dict[str, dict[int, float]]]
 
 
+def natural_key(key: Any) -> list[Any]:
+    """Sort key that orders the numbers inside labels by value: e86.pt before e250.pt, n800 before n1600."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(key))]
+
+
 def tstar_curves(results: list[dict[str, Any]]) -> Curves:
     """{(dataset, split, defense): {attack: {T*: robust_acc}}} from results.json dicts that have a T*."""
     curves: Curves = defaultdict(lambda: defaultdict(dict))
@@ -80,7 +86,7 @@ def choose_t_star(mean_acc: dict[int, float], tolerance: float = CHOICE_TOLERANC
 def tstar_markdown(curves: Curves) -> str:
     """Accuracy per (attack, T*) with the best T* per attack and for the mean over attacks."""
     parts = []
-    for (dataset, split, defense), by_attack in sorted(curves.items()):
+    for (dataset, split, defense), by_attack in sorted(curves.items(), key=lambda kv: natural_key(kv[0])):
         ts = sorted({t for c in by_attack.values() for t in c})
         parts += [f"## {dataset} ({split} split), {defense}: accuracy % vs T* (attack `none` = clean accuracy)", ""]
         parts += ["| attack | " + " | ".join(f"T*={t}" for t in ts) + " | best T* |", "|---" * (len(ts) + 2) + "|"]
@@ -111,7 +117,7 @@ def plot_tstar(run_dir: str | Path, out: str | Path | None = None) -> Path:
     curves = tstar_curves(load_results(run_dir))
     if not curves:
         raise FileNotFoundError(f"no results.json with a defense.purifier.t_star under {run_dir}")
-    panels = sorted(curves)
+    panels = sorted(curves, key=natural_key)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
         for attack, c in sorted(curves[key].items()):
@@ -243,7 +249,7 @@ def plot_eps(run_dir: str | Path, out: str | Path | None = None) -> Path:
     curves = eps_curves(load_results(run_dir))
     if not curves:
         raise FileNotFoundError(f"no results.json with an eps under {run_dir}: run `python evaluate.py -m experiment=disttrans_eps` first")
-    panels = sorted(curves)
+    panels = sorted(curves, key=natural_key)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
         for (defense, victim), c in sorted(curves[key].items()):
