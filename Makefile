@@ -446,6 +446,9 @@ rap-cpu: install
 	$(PY) evaluate.py $(RAP_AUDIT) defense=rap dataset.eval_subset=64 audit_settings.n_images=64 hydra.run.dir=$(RAP_RUN)/audit/rap_one_step
 	$(PY) evaluate.py $(RAP_AUDIT) defense=rap_reverse attack.builder.steps=5 dataset.eval_subset=16 audit_settings.n_images=16 \
 	  audit_settings.steps=5 audit_settings.square_queries=20 hydra.run.dir=$(RAP_RUN)/audit/rap_reverse
+	@# Is the reverse chain a stable function of its input (else no surrogate can match it, audit (j))? 200 val images.
+	for d in rap rap_reverse; do $(PY) -m evaluation.stability defense=$$d victim=mnist_cnn dataset=fashion_mnist \
+	  $(RAP_ADAPTER) dataset.eval_split=val dataset.eval_subset=200 || exit 1; done
 
 # CPU-scale JATP (issue 14) on the CIFAR-shaped stand-in fashion_mnist_rgb32 (NOT CIFAR-10): the TRADES ResNet-18
 # target ($(DT_AT): 6000 images, PGD-5, 12 min), then JATP and the three baselines trained against it when missing
