@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evaluation.cli import UserError, guard_command_line, report_user_errors
 from evaluation.cost import CostClock, accumulate_cost, training_record_path
-from evaluation.results import write_json_atomic
+from evaluation.results import flatten, write_json_atomic
 from models.weights import load_weights, save_weights
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,6 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return json.loads(json.dumps(identity, default=str))
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 class RunRecord(Callback):
     """Writes ``run.json`` (the run's identity) whenever Lightning saves a checkpoint, so the record always describes
     the training that wrote the ``last.ckpt`` beside it — also when a ``resume=false`` run is interrupted before its
@@ -127,7 +118,7 @@ def check_resume(ckpt_dir: Path, identity: dict[str, Any]) -> bool:
         previous = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{record} is unreadable ({err}); delete it to resume {last}, or pass resume=false to start over") from err
-    old, new = _flat(previous), _flat(identity)
+    old, new = flatten(previous), flatten(identity)
     differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
     if differing:
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} → {new.get(k, '<unset>')!r}" for k in differing[:4])

@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation.results import write_atomic, write_text_atomic  # noqa: E402
-from evaluation.tables import eval_split, is_stochastic, load_results, recorded_t_star, robust_cell  # noqa: E402
+from evaluation.tables import eval_split, is_stochastic, load_results, recorded_t_star, robust_cell, variant_suffix  # noqa: E402
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -66,7 +66,7 @@ def tstar_curves(results: list[dict[str, Any]]) -> Curves:
         t = recorded_t_star(r)
         if t is None or r.get("robust_acc") is None:
             continue
-        defense = str(r.get("defense", "?")) + (f" ({r['variant']})" if r.get("variant") else "")
+        defense = str(r.get("defense", "?")) + variant_suffix(r)
         curves[(r["dataset"], eval_split(r), defense)][r["attack"]][t] = float(r["robust_acc"])
     return {k: dict(v) for k, v in curves.items()}
 

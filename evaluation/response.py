@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from evaluation.tables import variant_suffix
+
 #: Input levels of the response curve (0, 0.05, …, 1).
 LEVELS = tuple(round(0.05 * i, 2) for i in range(21))
 
@@ -145,7 +147,7 @@ def response_markdown(results: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (str(r.get("defense")), str(r.get("variant")), str(r.get("attack")))):
         w = r.get("response_whitened") or {}
         pct = lambda k: "—" if k not in w else f"{100 * w[k]:.1f} %"  # noqa: E731
-        defense = str(r.get("defense")) + (f" ({r['variant']})" if r.get("variant") else "")
+        defense = str(r.get("defense")) + variant_suffix(r)
         lines.append(f"| {defense} | {r.get('victim')} | {r.get('attack')} | {fmt(r.get('response_threshold'))} | "
                      f"{pct('adversarial_input')} | {pct('purified_adversarial')} | {pct('purified_clean')} |")
     return "\n".join(lines) + "\n"

@@ -18,6 +18,16 @@ from typing import IO, Any, Callable, Iterable
 import torch
 
 
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": leaf}`` (lists are leaves): how two runs' settings are compared key by key."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
 def write_atomic(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it into place."""
     path = Path(path)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.cost import format_cost, sum_costs, training_record_path
-from evaluation.results import write_text_atomic
+from evaluation.results import flatten, write_text_atomic
 
 METRIC_COLUMNS = ("clean_acc", "robust_acc", "robust_acc_worst", "attack_success_rate", "n_images", "images_per_s", "seconds")
 #: Shown only when some run has them (eval.time_purifier=true), with 4 significant digits.
@@ -78,15 +78,6 @@ PLACE_KEYS = ("paths.", "logger.", "hydra.", "eval.progress")
 CELL_KEYS = ("dataset", "defense", "attack", "threat", "norm", "eps", "seed")
 
 
-def _flat_config(node: Any, prefix: str = "") -> dict[str, str]:
-    if not isinstance(node, dict):
-        return {prefix: json.dumps(node, sort_keys=True) if isinstance(node, list) else str(node)}
-    out: dict[str, str] = {}
-    for k, v in node.items():
-        out.update(_flat_config(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def recorded_t_star(result: dict[str, Any]) -> int | None:
     """The config's ``defense.purifier.t_star``; where that is null (distribution transfer matches t* from
     ``match_t``), the resolved one the run recorded (results.json ``purifier.t_star``; ``t_star`` in older files)."""
@@ -108,6 +99,11 @@ def _cell_identity(result: dict[str, Any]) -> tuple[str, ...]:
             str(recorded_t_star(result)))
 
 
+def variant_suffix(result: dict[str, Any]) -> str:
+    """`` (<what differs>)`` for a run ``tell_apart`` labelled, else ""; appended to the run's row or curve label."""
+    return f" ({result['variant']})" if result.get("variant") else ""
+
+
 def _shown(key: str, value: str) -> str:
     return f"{key}={Path(value).name if '/' in value else value}"
 
@@ -125,7 +121,7 @@ def tell_apart(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in cells.values():
         if len(group) < 2:
             continue
-        flats = [_flat_config(r.get("config") or {}) for r in group]
+        flats = [{k: str(v) for k, v in flatten(r.get("config") or {}).items()} for r in group]
         keys = sorted(set().union(*flats), key=lambda k: (len(k), k))
         columns: dict[tuple[str, ...], str] = {}
         for key in keys:
@@ -292,7 +288,7 @@ def grid_table(results: list[dict[str, Any]]) -> str:
     by_cell: dict[tuple[str, str], dict[Any, dict[str, Any]]] = {}
     for r in results:
         raw, suffix, col = _labels(r)
-        row = raw + (f" ({r['variant']})" if r.get("variant") else "") + suffix
+        row = raw + variant_suffix(r) + suffix
         rows += [row] if row not in rows else []
         cols += [col] if col not in cols else []
         cells[(row, col)] = robust_cell(r)
