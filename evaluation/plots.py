@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluation.results import write_atomic, write_text_atomic  # noqa: E402
-from evaluation.tables import eval_split, is_stochastic, load_results, recorded_t_star, robust_cell, variant_suffix  # noqa: E402
+from evaluation.tables import eval_split, is_stochastic, load_results, natural_key, recorded_t_star, robust_cell, variant_suffix  # noqa: E402
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -52,11 +51,6 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 # -- Fig. 3: accuracy vs T* ---------------------------------------------------------------------
 Curves = dict[tuple[str, str, str], dict[str, dict[int, float]]]
-
-
-def natural_key(key: Any) -> list[Any]:
-    """Sort key that orders the numbers inside labels by value: e86.pt before e250.pt, n800 before n1600."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(key))]
 
 
 def tstar_curves(results: list[dict[str, Any]]) -> Curves:

@@ -60,9 +60,15 @@ class ShardMergeError(ValueError):
     """A cell whose shards cannot be merged (missing, duplicate or inconsistent): said in one line."""
 
 
+def natural_key(key: Any) -> list[Any]:
+    """Sort key that orders the numbers inside labels by value: job 2 before job 10, e86.pt before e250.pt."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(key))]
+
+
 def load_results(run_dir: str | Path, merge: bool = True) -> list[dict[str, Any]]:
-    """Every results.json under ``run_dir``, with the shards of each evaluation merged into one (``merge_shards``)."""
-    files = sorted(Path(run_dir).rglob("results.json"))
+    """Every results.json under ``run_dir`` in natural order of their paths (a multirun's job 2 before job 10), with the
+    shards of each evaluation merged into one (``merge_shards``)."""
+    files = sorted(Path(run_dir).rglob("results.json"), key=natural_key)
     results = []
     for f in files:
         try:
